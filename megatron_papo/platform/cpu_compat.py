@@ -1,0 +1,121 @@
+"""The small CPU adaptation of megatron-core 0.16.1 (see shared/MEGATRON_ON_CPU.md).
+
+megatron-core assumes CUDA in four places that matter for us. Without CUDA we:
+  1. make ``torch.cuda.current_device()`` return the CPU device (buffer placement all over megatron);
+  2. make ``torch.cuda.synchronize()`` a no-op (pipeline point-to-point communication);
+  3. register an RNG tracker with megatron's interface that forks the CPU generator instead of CUDA's;
+  4. route the literal ``device="cuda"`` counter allocation in ``pipeline_parallel/schedules.py`` to the CPU.
+
+Everything here is applied by :func:`apply` only when ``torch.cuda.is_available()`` is False; on a GPU machine
+nothing is patched. ``tests/test_cpu_compat.py`` fails loudly if the pinned megatron-core changes under us.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+MEGATRON_CORE_VERSION = "0.16.1"
+_applied = False
+
+
+class CpuRNGStatesTracker:
+    """Drop-in for megatron's ``CudaRNGStatesTracker`` that keeps named CPU generator states.
+
+    ``fork(name)`` swaps the CPU generator to the named state and back, so dropout inside tensor-parallel
+    regions uses per-TP-rank streams exactly as megatron intends on GPUs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+class _CpuTorchForSchedules(types.ModuleType):
+    """``torch`` as seen by megatron's schedules module: identical except that ``device="cuda"`` means CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, item):
+        return getattr(torch, item)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def install_cpu_rng_tracker() -> None:
+    """Make megatron's global model-parallel RNG tracker a :class:`CpuRNGStatesTracker`."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def apply() -> bool:
+    """Apply the adaptation if CUDA is absent. Returns True when it is (or already was) active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    import megatron.core
+    from megatron.core.pipeline_parallel import schedules
+
+    if megatron.core.__version__ != MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"megatron_papo's CPU adaptation was verified on megatron-core {MEGATRON_CORE_VERSION}, found "
+            f"{megatron.core.__version__}; install megatron-core=={MEGATRON_CORE_VERSION} or re-verify "
+            "megatron_papo/platform/cpu_compat.py against the new version"
+        )
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *a, **k: None
+    schedules.torch = _CpuTorchForSchedules()
+    install_cpu_rng_tracker()
+    _applied = True
+    return True
+
+
+def is_active() -> bool:
+    return _applied
