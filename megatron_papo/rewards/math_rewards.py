@@ -1,0 +1,92 @@
+"""Math answer reward: ``overall = 0.9 * accuracy + 0.1 * format`` (PAPO.md section 3).
+
+Accuracy grades the content of the last ``\\boxed{...}`` against the ground truth with ``mathruler``'s
+``grade_answer`` (the grader behind the published numbers). Everything here is linear-time in the response and
+never raises: model output is untrusted, and a malformed answer scores 0. sympy is only reached through
+:func:`safe_grade`, which refuses inputs that can make it hang (huge powers, factorials, long expressions).
+"""
+
+from __future__ import annotations
+
+import re
+
+from mathruler.grader import grade_answer
+from mathruler.math_normalize import normalize_answer
+
+FORMAT_WEIGHT = 0.1
+# answers longer than this are compared as normalised strings only (no sympy)
+MAX_SYMPY_CHARS = 256
+# most exponent operators an answer may hold before sympy is skipped (each nesting multiplies the exponent)
+MAX_POWERS = 4
+_WS = re.compile(r"\s+")
+
+
+def squeeze_tag_spaces(text: str) -> str:
+    """Drop whitespace next to ``<``, ``>`` and ``/`` (the reference's ``re.sub(r"\\s*(<|>|/)\\s*", r"\\1", s)``,
+    which is quadratic on long whitespace runs; this is the same result in linear time)."""
+    def repl(m: re.Match) -> str:
+        s, e = m.span()
+        near = (s > 0 and text[s - 1] in "<>/") or (e < len(text) and text[e] in "<>/")
+        return "" if near else m.group(0)
+    return _WS.sub(repl, text)
+
+
+def has_think_box_format(text: str) -> bool:
+    """The reference's ``re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", text, re.DOTALL)`` in linear time:
+    ``.*`` matches anything, so taking the earliest occurrence of each literal is always best."""
+    if not text.startswith("<think>"):
+        return False
+    end_think = text.find("</think>", len("<think>"))
+    if end_think < 0:
+        return False
+    box = text.find("\\boxed{", end_think + len("</think>"))
+    return box >= 0 and text.find("}", box + len("\\boxed{")) >= 0
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` with nested braces balanced; None if absent or unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    body = start + len("\\boxed{")
+    for i in range(body, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            if depth == 0:
+                return text[body:i].strip()
+            depth -= 1
+    return None
+
+
+def _sympy_safe(expr: str) -> bool:
+    if len(expr) > MAX_SYMPY_CHARS or "**" in expr:
+        return False
+    if expr.replace("\\!", "").count("!") > 0:                           # factorial of anything can explode
+        return False
+    return expr.count("^") <= MAX_POWERS
+
+
+def safe_grade(given: str, ground_truth: str) -> bool:
+    """mathruler's ``grade_answer`` behind guards: exceptions count as wrong, and inputs that could make sympy
+    hang are compared as normalised strings only."""
+    try:
+        if _sympy_safe(given) and _sympy_safe(ground_truth):
+            return bool(grade_answer(given, ground_truth))
+        a, b = normalize_answer(given), normalize_answer(ground_truth)
+        return a is not None and a == b
+    except Exception:  # noqa: BLE001 - untrusted model output must never crash training
+        return False
+
+
+def math_reward(response: str, ground_truth: str) -> dict[str, float]:
+    """``{"overall", "accuracy", "format"}`` for one response; never raises."""
+    if not isinstance(response, str) or not isinstance(ground_truth, str):
+        return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
+    text = squeeze_tag_spaces(response)
+    fmt = 1.0 if has_think_box_format(text) else 0.0
+    answer = last_boxed(text)
+    acc = 1.0 if answer and safe_grade(answer, ground_truth) else 0.0
+    return {"overall": (1 - FORMAT_WEIGHT) * acc + FORMAT_WEIGHT * fmt, "accuracy": acc, "format": fmt}
