@@ -45,13 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            from megatron_papo.training.entry import default_config_tree, train
-
             overrides = list(args.overrides)
             if args.resume is not None:
                 overrides.append(f"checkpoint.resume={args.resume if args.resume != 'none' else 'null'}")
-            base = None if args.config else default_config_tree()
-            cfg = load_config(args.config, overrides, base=base)
+            if args.config:
+                cfg = load_config(args.config, overrides)
+                from megatron_papo.training.entry import train
+            else:
+                from megatron_papo.training.entry import default_config_tree, train
+
+                cfg = load_config(None, overrides, base=default_config_tree())
             return train(cfg, dry_run=args.dry_run) or 0
         if args.command == "generate":
             from megatron_papo.rollout.cli import generate_command

@@ -56,7 +56,7 @@ def run_multirank(fn, world_size: int, args: tuple = (), tp: int | None = None, 
     results = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, tp, pp, seed, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, tp, pp, seed, results), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:
