@@ -53,6 +53,8 @@ class TokenizerConfig:
     type: str = "sentencepiece"
     # sentencepiece .model file or Hugging Face tokenizer directory (null: train/reuse the demo tokenizer)
     path: Optional[str] = None
+    # vocabulary size when training the demo sentencepiece tokenizer (path null); a small corpus may give fewer
+    vocab_size: int = 512
 
 
 @dataclass

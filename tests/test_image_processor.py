@@ -39,7 +39,7 @@ def test_matches_hf_single_image(size):
     assert ours_pv.dtype == torch.float32 and ours_grid.dtype == torch.long
     assert torch.equal(ours_grid, ref_grid)
     assert ours_pv.shape == ref_pv.shape == (int(ref_grid.prod()), 1176)
-    torch.testing.assert_close(ours_pv, ref_pv.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_pv, ref_pv.float(), rtol=0, atol=0)
 
 
 def test_matches_hf_several_images_and_modes():
@@ -49,7 +49,7 @@ def test_matches_hf_several_images_and_modes():
     ours_pv, ours_grid = proc(imgs)
     ref_pv, ref_grid = _hf(imgs, min_pixels, max_pixels)
     assert torch.equal(ours_grid, ref_grid)
-    torch.testing.assert_close(ours_pv, ref_pv.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_pv, ref_pv.float(), rtol=0, atol=0)
     for img, thw in zip(imgs, ours_grid):
         assert proc.num_image_tokens(img.height, img.width) == int(thw.prod()) // 4
 

@@ -1,0 +1,52 @@
+"""Prompt encoding: question + images -> token ids with expanded image pads, pixel values and image grids.
+
+Shapes: s = prompt tokens, P = image patches (all images), n = images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+
+
+@dataclass
+class PromptInputs:
+    """One encoded prompt; the masked-image variant has the same ``input_ids`` and grid, other pixels."""
+
+    input_ids: torch.Tensor  # [s] int64
+    pixel_values: Optional[torch.Tensor]  # [P, 1176] float32, None for text-only prompts
+    image_grid_thw: Optional[torch.Tensor]  # [n, 3] int64, None for text-only prompts
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+
+def expand_image_pads(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
+    """Replace the i-th ``image_token_id`` in ``ids`` by ``counts[i]`` copies (one per merged image patch)."""
+    positions = [k for k, t in enumerate(ids) if t == image_token_id]
+    if len(positions) != len(counts):
+        raise ValueError(f"prompt holds {len(positions)} image placeholders but {len(counts)} images were given; "
+                         f"questions must not contain the literal <|image_pad|> token")
+    out: list[int] = []
+    start = 0
+    for pos, count in zip(positions, counts):
+        out.extend(ids[start:pos])
+        out.extend([image_token_id] * count)
+        start = pos + 1
+    out.extend(ids[start:])
+    return out
+
+
+def encode_prompt(tokenizer, processor, question: str, images: Sequence[Image.Image]) -> PromptInputs:
+    """Chat-template the question (PAPO instruction included) for ``len(images)`` images and encode everything."""
+    ids = tokenizer.encode(tokenizer.chat_prompt(question, len(images)))
+    if not images:
+        expand_image_pads(ids, tokenizer.image_token_id, [])  # rejects a stray <|image_pad|> in the question
+        return PromptInputs(torch.tensor(ids, dtype=torch.long), None, None)
+    pixel_values, grid_thw = processor(list(images))  # [P, 1176], [n, 3]
+    counts = (grid_thw.prod(dim=-1) // processor.merge_size ** 2).tolist()
+    ids = expand_image_pads(ids, tokenizer.image_token_id, counts)
+    return PromptInputs(torch.tensor(ids, dtype=torch.long), pixel_values, grid_thw)

@@ -1,0 +1,121 @@
+"""Verifiable synthetic image tasks: answers known by construction, and only visible in the image.
+
+Made for the CPU demo: small images (56 or 84 px -> 4 or 9 merged image tokens at patch 14), shapes drawn on the
+14-px patch grid (one shape per cell, so one vision patch sees one shape), small counts and one-word answers,
+so a tiny VLM can learn them within minutes. Every question text is the same for all samples of a kind: the answer
+cannot be guessed from the text.
+
+Kinds:
+- ``count``: 1..5 shapes in distinct grid cells; "How many shapes are in the image?" -> "3".
+- ``color``: one large shape (2x2 cells) and 1..2 small ones in other colours; "What colour is the largest
+  shape?" -> "red".
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CELL = 14
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+QUESTIONS = {
+    "count": "How many shapes are in the image?",
+    "color": "What colour is the largest shape?",
+}
+KINDS = tuple(QUESTIONS)
+MAX_COUNT = 5
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], shape: str, colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "circle":
+        draw.ellipse(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _cell_box(row: int, col: int, span: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    # A shape fills most of its cell(s), jittered by a pixel or two so images are not all identical.
+    size = span * CELL
+    margin = int(rng.integers(1, 3)) * span
+    x0, y0 = col * CELL + margin, row * CELL + margin
+    return x0, y0, x0 + size - 2 * margin, y0 + size - 2 * margin
+
+
+def _count_task(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str, str]:
+    cells = image_size // CELL
+    count = int(rng.integers(1, MAX_COUNT + 1))
+    chosen = rng.choice(cells * cells, size=count, replace=False)
+    image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    names = list(COLOURS)
+    for cell in chosen:
+        colour = COLOURS[names[int(rng.integers(len(names)))]]
+        shape = ("square", "circle", "triangle")[int(rng.integers(3))]
+        _draw_shape(draw, _cell_box(int(cell) // cells, int(cell) % cells, 1, rng), shape, colour)
+    return image, str(count), _SOLUTIONS["count"](str(count))
+
+
+def _colour_task(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str, str]:
+    cells = image_size // CELL
+    names = list(COLOURS)
+    order = rng.permutation(len(names))
+    big_colour = names[order[0]]
+    image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    row, col = (int(v) for v in rng.integers(0, cells - 1, size=2))
+    _draw_shape(draw, _cell_box(row, col, 2, rng), ("square", "circle")[int(rng.integers(2))],
+                COLOURS[big_colour])
+    free = [r * cells + c for r in range(cells) for c in range(cells)
+            if not (row <= r <= row + 1 and col <= c <= col + 1)]
+    num_small = int(rng.integers(1, 3))
+    for k, cell in enumerate(rng.choice(free, size=num_small, replace=False)):
+        colour = COLOURS[names[order[1 + k]]]
+        _draw_shape(draw, _cell_box(int(cell) // cells, int(cell) % cells, 1, rng), "square", colour)
+    return image, big_colour, _SOLUTIONS["color"](big_colour)
+
+
+# Worked solutions in the PAPO answer format, kept in ``extra["solution"]`` for supervised warm-starts.
+_SOLUTIONS = {
+    "count": lambda a: f"<think>I count {a} shapes.</think> \\boxed{{{a}}}",
+    "color": lambda a: f"<think>The largest shape is {a}.</think> \\boxed{{{a}}}",
+}
+_ANSWERS = {"count": [str(c) for c in range(1, MAX_COUNT + 1)], "color": list(COLOURS)}
+_MAKERS = {"count": _count_task, "color": _colour_task}
+
+
+def make_synthetic_samples(n: int, seed: int, kinds: Sequence[str] = KINDS, image_size: int = 56) -> list[dict]:
+    """``n`` samples in the reader's sample format, cycling through ``kinds``; the same seed gives the same data."""
+    return list(iter_synthetic_samples(n, seed, kinds, image_size))
+
+
+def iter_synthetic_samples(n: int, seed: int, kinds: Sequence[str] = KINDS,
+                           image_size: int = 56) -> Iterator[dict]:
+    """Lazy form of :func:`make_synthetic_samples` (for large ``n``)."""
+    unknown = [k for k in kinds if k not in _MAKERS]
+    if unknown or not kinds:
+        raise ValueError(f"synthetic kinds: unknown {unknown or 'empty list'}; choose from {list(_MAKERS)}")
+    if image_size % CELL or image_size < 2 * CELL:
+        raise ValueError(f"synthetic image_size must be a multiple of {CELL} and at least {2 * CELL}, "
+                         f"got {image_size}")
+    if n < 0:
+        raise ValueError(f"number of synthetic samples must be >= 0, got {n}")
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        rng = np.random.default_rng([seed, i])
+        image, answer, solution = _MAKERS[kind](rng, image_size)
+        yield {"key": f"{kind}-{seed}-{i:07d}", "question": QUESTIONS[kind], "answer": answer,
+               "dataset": f"synthetic_{kind}", "reward": "math", "images": [image],
+               "extra": {"kind": kind, "solution": solution}}
+
+
+def synthetic_corpus() -> list[str]:
+    """Texts the demo tokenizer is trained on: every question, and the worked solution of every possible answer."""
+    texts = list(QUESTIONS.values()) + [str(d) for d in range(10)]
+    for kind, answers in _ANSWERS.items():
+        texts += [_SOLUTIONS[kind](a) for a in answers]
+    return texts
