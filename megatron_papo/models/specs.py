@@ -41,6 +41,10 @@ def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
     if fp8 is not None and transformer_impl != "transformer_engine":
         raise ValueError(f"model.fp8={fp8!r} needs model.transformer_impl=transformer_engine "
                          "(the local spec has no FP8 kernels); set both or set model.fp8=null")
+    if fp8 is not None:
+        ok, why = fp8_available()
+        if not ok:
+            raise ValueError(f"model.fp8={fp8!r} cannot run here: {why}; set model.fp8=null")
     if transformer_impl == "transformer_engine":
         try:
             import transformer_engine.pytorch  # noqa: F401
@@ -50,10 +54,6 @@ def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
                              "use transformer_impl=local without it") from e
         if not has_gpu():
             raise ValueError("model.transformer_impl=transformer_engine needs a GPU; use transformer_impl=local")
-    if fp8 is not None:
-        ok, why = fp8_available()
-        if not ok:
-            raise ValueError(f"model.fp8={fp8!r} cannot run here: {why}; set model.fp8=null")
 
 
 def language_layer_spec(transformer_impl: str) -> ModuleSpec:

@@ -1,0 +1,159 @@
+"""Megatron dist checkpoints of the VLM: HF -> mcore, mcore -> HF, and loading at any TP x PP.
+
+A converted directory holds `megatron_papo_model.json` (architecture, dtype, the HF config it came from) and
+`model/` (megatron.core.dist_checkpointing files of the model's sharded_state_dict, loadable at any layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_papo.convert.hf_io import HFCheckpoint, open_hf_checkpoint, write_hf_checkpoint
+from megatron_papo.convert.launch import run_ranks
+from megatron_papo.convert.mapping import name_map, tp_shard, to_hf, to_mcore
+from megatron_papo.models.configs import check_tp_divisibility
+from megatron_papo.models.presets import VisionSpec, VLMSpec
+from megatron_papo.models.vlm import Qwen25VLModel, build_vlm
+
+META = "megatron_papo_model.json"
+MODEL_DIR = "model"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def write_checkpoint_meta(ckpt_dir: str, spec: VLMSpec, params_dtype: torch.dtype, hf_config: dict | None = None):
+    """Describe the model stored in ckpt_dir (the trainer calls this next to its own dist checkpoints)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    dtype = next(k for k, v in _DTYPES.items() if v == params_dtype)
+    with open(os.path.join(ckpt_dir, META), "w") as f:
+        json.dump({"spec": dataclasses.asdict(spec), "params_dtype": dtype, "hf_config": hf_config}, f, indent=2)
+
+
+def read_checkpoint_meta(ckpt_dir: str) -> tuple[VLMSpec, torch.dtype, dict | None]:
+    path = os.path.join(ckpt_dir, META)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is not a megatron_papo checkpoint "
+                                "(make one with tools/convert_checkpoint.py hf-to-mcore)")
+    with open(path) as f:
+        meta = json.load(f)
+    s = dict(meta["spec"])
+    vision = VisionSpec(**{**s.pop("vision"), "fullatt_block_indexes": tuple(meta["spec"]["vision"]["fullatt_block_indexes"])})
+    spec = VLMSpec(**{**s, "mrope_section": tuple(s["mrope_section"]), "vision": vision})
+    return spec, _DTYPES[meta["params_dtype"]], meta.get("hf_config")
+
+
+def _hf_dtype(cfg: dict) -> torch.dtype:
+    name = cfg.get("torch_dtype") or cfg.get("dtype") or (cfg.get("text_config") or {}).get("dtype") or "float32"
+    if name not in _DTYPES:
+        raise ValueError(f"config.json dtype {name!r} is not supported; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _global_name(model: Qwen25VLModel, local: str) -> str:
+    """Local parameter name -> full-model name (language layers renumbered from this stage's offset)."""
+    offset = get_transformer_layer_offset(model.language_model.config)
+    m = re.match(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$", local)
+    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}" if m else local
+
+
+@torch.no_grad()
+def fill_from_hf(model: Qwen25VLModel, ckpt: HFCheckpoint) -> None:
+    """Copy this rank's shard of every parameter from an HF checkpoint (through the name map)."""
+    spec = model.spec
+    entries = {e.mcore: e for e in name_map(spec)}
+    tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    for local, param in model.named_parameters():
+        name = _global_name(model, local)
+        if name == "language_model.output_layer.weight" and spec.tie_word_embeddings:
+            name = "language_model.embedding.word_embeddings.weight"  # tied: last stage's copy of the embedding
+        entry = entries[name]
+        shard = tp_shard(entry, to_mcore(entry, [ckpt.get(n) for n in entry.hf], spec), tp_rank, tp)
+        if shard.shape != param.shape:
+            raise ValueError(f"{name}: converted shard {list(shard.shape)} != parameter {list(param.shape)}")
+        param.copy_(shard)
+
+
+def load_vlm_checkpoint(model: Qwen25VLModel, ckpt_dir: str) -> None:
+    """Load a converted (or trainer-saved) dist checkpoint into this rank's model, at any TP x PP."""
+    path = os.path.join(ckpt_dir, MODEL_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} holds no megatron dist checkpoint")
+    state = dist_checkpointing.load(model.sharded_state_dict(), path)
+    model.load_state_dict(state, strict=True)
+
+
+def load_vlm(ckpt_dir: str, **build_kwargs) -> Qwen25VLModel:
+    """build_vlm from a checkpoint's own architecture and dtype, then load its weights."""
+    spec, dtype, _ = read_checkpoint_meta(ckpt_dir)
+    build_kwargs.setdefault("params_dtype", dtype)
+    model = build_vlm(spec, **build_kwargs)
+    load_vlm_checkpoint(model, ckpt_dir)
+    return model
+
+
+def _save_rank(hf_dir: str, out_dir: str) -> None:
+    spec, dtype, _ = read_checkpoint_meta(out_dir)
+    model = build_vlm(spec, params_dtype=dtype)
+    fill_from_hf(model, HFCheckpoint(hf_dir))
+    dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out_dir, MODEL_DIR))
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> VLMSpec:
+    """Convert an HF Qwen2.5-VL directory into a megatron dist checkpoint, written by tp*pp ranks."""
+    cfg, spec, _ = open_hf_checkpoint(hf_dir)
+    check_tp_divisibility(spec, tp)
+    if spec.num_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide the {spec.num_layers} language layers")
+    if os.path.isdir(os.path.join(out_dir, MODEL_DIR)) and os.listdir(os.path.join(out_dir, MODEL_DIR)):
+        raise ValueError(f"{os.path.join(out_dir, MODEL_DIR)} already holds files; choose an empty --out")
+    os.makedirs(os.path.join(out_dir, MODEL_DIR), exist_ok=True)
+    write_checkpoint_meta(out_dir, spec, _hf_dtype(cfg), hf_config=cfg)
+    run_ranks(_save_rank, tp=tp, pp=pp, args=(hf_dir, out_dir))
+    return spec
+
+
+def hf_config_from_spec(spec: VLMSpec, dtype: torch.dtype) -> dict:
+    """A transformers Qwen2.5-VL config.json for a model that did not come from Hugging Face."""
+    v = spec.vision
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
+        "num_key_value_heads": spec.num_kv_heads, "vocab_size": spec.vocab_size, "hidden_act": "silu",
+        "rms_norm_eps": spec.rms_eps, "rope_theta": spec.rope_theta,
+        "max_position_embeddings": spec.max_position_embeddings, "tie_word_embeddings": spec.tie_word_embeddings,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(spec.mrope_section)},
+        "image_token_id": spec.image_token_id, "vision_start_token_id": spec.vision_start_token_id,
+        "torch_dtype": next(k for k, val in _DTYPES.items() if val == dtype),
+        "vision_config": {
+            "model_type": "qwen2_5_vl", "depth": v.depth, "hidden_size": v.hidden_size, "num_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size, "hidden_act": "silu",
+            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+            "spatial_merge_size": v.spatial_merge_size, "in_channels": v.in_channels, "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": 2,
+        },
+    }
+
+
+def _export_rank(mcore_dir: str, out_dir: str) -> None:
+    spec, dtype, hf_config = read_checkpoint_meta(mcore_dir)
+    model = build_vlm(spec, params_dtype=dtype)
+    load_vlm_checkpoint(model, mcore_dir)
+    params = dict(model.named_parameters())
+    tensors = {}
+    for entry in name_map(spec):
+        for name, t in zip(entry.hf, to_hf(entry, params[entry.mcore].detach(), spec)):
+            tensors[name] = t.clone()
+    write_hf_checkpoint(out_dir, tensors, hf_config or hf_config_from_spec(spec, dtype))
+
+
+def mcore_to_hf(mcore_dir: str, out_dir: str) -> None:
+    """Write a megatron_papo checkpoint as an HF directory (safetensors + config.json) transformers loads."""
+    read_checkpoint_meta(mcore_dir)  # fail here, with the message, before spawning
+    run_ranks(_export_rank, tp=1, pp=1, args=(mcore_dir, out_dir))
