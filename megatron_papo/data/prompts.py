@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image
 
+from megatron_papo.data.shards import SkipSample
+
 
 @dataclass
 class PromptInputs:
@@ -50,3 +52,21 @@ def encode_prompt(tokenizer, processor, question: str, images: Sequence[Image.Im
     counts = (grid_thw.prod(dim=-1) // processor.merge_size ** 2).tolist()
     ids = expand_image_pads(ids, tokenizer.image_token_id, counts)
     return PromptInputs(torch.tensor(ids, dtype=torch.long), pixel_values, grid_thw)
+
+
+class PromptEncoder:
+    """Reader transform: adds ``sample["prompt"]`` (:class:`PromptInputs`); prompts longer than
+    ``max_prompt_length`` tokens are dropped and counted as ``prompt_too_long``."""
+
+    def __init__(self, tokenizer, processor, max_prompt_length: int):
+        if max_prompt_length <= 0:
+            raise ValueError(f"data.max_prompt_length must be > 0, got {max_prompt_length}")
+        self.tokenizer, self.processor, self.max_prompt_length = tokenizer, processor, max_prompt_length
+
+    def __call__(self, sample: dict) -> dict:
+        prompt = encode_prompt(self.tokenizer, self.processor, sample["question"], sample["images"])
+        if len(prompt) > self.max_prompt_length:
+            raise SkipSample("prompt_too_long", f"{len(prompt)} tokens > data.max_prompt_length="
+                                                f"{self.max_prompt_length}")
+        sample["prompt"] = prompt
+        return sample

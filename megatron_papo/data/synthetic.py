@@ -99,8 +99,9 @@ def iter_synthetic_samples(n: int, seed: int, kinds: Sequence[str] = KINDS,
     unknown = [k for k in kinds if k not in _MAKERS]
     if unknown or not kinds:
         raise ValueError(f"synthetic kinds: unknown {unknown or 'empty list'}; choose from {list(_MAKERS)}")
-    if image_size % CELL or image_size < 2 * CELL:
-        raise ValueError(f"synthetic image_size must be a multiple of {CELL} and at least {2 * CELL}, "
+    # 3x3 cells at least: room for MAX_COUNT shapes, and for a 2x2 shape plus two small ones.
+    if image_size % CELL or image_size < 3 * CELL:
+        raise ValueError(f"synthetic image_size must be a multiple of {CELL} and at least {3 * CELL}, "
                          f"got {image_size}")
     if n < 0:
         raise ValueError(f"number of synthetic samples must be >= 0, got {n}")
@@ -119,3 +120,33 @@ def synthetic_corpus() -> list[str]:
     for kind, answers in _ANSWERS.items():
         texts += [_SOLUTIONS[kind](a) for a in answers]
     return texts
+
+
+def ensure_synthetic_shards(path: str, n: int, seed: int, kinds: Sequence[str] = KINDS, image_size: int = 56,
+                            samples_per_shard: int = 250) -> bool:
+    """Write synthetic shards into directory ``path`` unless it already holds ``.tar`` files; True if written.
+
+    Safe when several ranks call it at once: each writes the same deterministic data into its own temporary
+    directory and renames it into place; a rank that loses the race discards its copy.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    from megatron_papo.data.shards import write_shards
+
+    target = Path(path)
+    if target.is_dir() and any(target.rglob("*.tar")):
+        return False
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_shards(iter_synthetic_samples(n, seed, kinds, image_size), tmp, "synthetic", samples_per_shard)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
