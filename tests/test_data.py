@@ -212,3 +212,24 @@ def test_empty_or_missing_data_set_is_a_startup_error(tmp_path, kind):
     (tmp_path / "z.tar").write_bytes(b"") if kind == "zero_byte_shards" else None
     with pytest.raises(ValueError, match="data.train_shards"):
         ShardReader(spec)
+
+
+def test_prompt_encoder_filters_long_prompts_with_a_count(tmp_path):
+    from megatron_papo.config import TokenizerConfig
+    from megatron_papo.data.image_processor import Qwen2VLImageProcessor
+    from megatron_papo.data.prompts import PromptEncoder
+    from megatron_papo.data.tokenizer import build_tokenizer
+
+    shard_dir = tmp_path / "d"
+    samples = _samples(6)
+    samples[2]["question"] = "How many shapes are in the image? " * 20  # far longer than the others
+    write_shards(samples, shard_dir, samples_per_shard=6)
+    tok = build_tokenizer(TokenizerConfig(), cache_dir=tmp_path / "tok")
+    proc = Qwen2VLImageProcessor(min_pixels=42 * 42, max_pixels=56 * 56)
+    lengths = [len(tok.encode(tok.chat_prompt(s["question"], 1))) + 3 for s in samples]  # 42 px -> 56 px: 1 pad -> 4
+    limit = sorted(lengths)[-2]
+    reader = ShardReader(str(shard_dir), shuffle_buffer=0, transform=PromptEncoder(tok, proc, limit))
+    got = _take(reader, 5)
+    assert [s["key"] for s in got] == [s["key"] for i, s in enumerate(samples) if i != 2]
+    assert reader.stats == Counter({"prompt_too_long": 1})
+    assert all(len(s["prompt"]) <= limit and s["prompt"].pixel_values.shape == (16, 1176) for s in got)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Convert jsonl / parquet data sets (embedded or referenced images) into webdataset .tar shards.
+
+  make_shards.py INPUT [INPUT ...] --out DIR [--samples-per-shard 1000] [--image-root DIR]
+
+Each row needs a question (question / problem / prompt / query, or --question-field), an answer, and optional
+images ("images": list or "image": one; a path relative to --image-root or to the input file's folder, bytes,
+base64 or a {"bytes", "path"} struct). A folder of images with a jsonl of questions is a jsonl whose image
+fields name the files. Rows that cannot be used are rejected with a count; shards are written under a temporary
+name and renamed when complete. Parquet input needs pyarrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help=".jsonl or .parquet files")
+    parser.add_argument("--out", required=True, help="output directory for the .tar shards")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--prefix", default="shard", help="shard file name prefix")
+    parser.add_argument("--image-root", help="folder that relative image paths start from (default: input's)")
+    parser.add_argument("--question-field", help="field holding the question (default: first of question, "
+                                                 "problem, prompt, query)")
+    parser.add_argument("--answer-field", default="answer", help="field holding the answer")
+    parser.add_argument("--dataset", help="data set name stored with every sample (default: input file stem)")
+    parser.add_argument("--reward", default="math", help="reward function name stored with every sample")
+    parser.add_argument("--keep-image-tags", action="store_true", help="keep <image> placeholders in questions")
+    args = parser.parse_args(argv)
+
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from megatron_papo.data.shards import write_shards
+    from megatron_papo.data.sources import RowOptions, iter_samples
+
+    opts = RowOptions(image_root=Path(args.image_root) if args.image_root else None,
+                      question_field=args.question_field, answer_field=args.answer_field, dataset=args.dataset,
+                      reward=args.reward, strip_image_tags=not args.keep_image_tags)
+    rejected: dict = {}
+    try:
+        with tqdm(desc="writing", unit="sample", file=sys.stderr) as bar:
+            paths = write_shards(iter_samples(args.inputs, opts, rejected), args.out, args.prefix,
+                                 args.samples_per_shard, progress=lambda n: bar.update(1))
+            written = bar.n
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    examples = rejected.pop("_examples", [])
+    for line in examples[:10]:
+        print(f"rejected {line}", file=sys.stderr)
+    total_rejected = sum(rejected.values())
+    detail = ", ".join(f"{k}={n}" for k, n in sorted(rejected.items()))
+    print(f"wrote {written} samples in {len(paths)} shards to {args.out}; rejected {total_rejected}"
+          + (f" ({detail})" if detail else ""))
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
