@@ -83,6 +83,34 @@ class _CpuTorchForSchedules(types.ModuleType):
             device = "cpu"
         return torch.zeros(*args, device=device, **kwargs)
 
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return torch.tensor(*args, device=device, **kwargs)
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's ``clip_grad_by_total_norm_fp32`` without its assertion that grads are ``torch.cuda`` tensors."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _adapt_optimizer() -> None:
+    """5. megatron's (non-distributed) optimizer allocates ``device="cuda"`` scalars in optimizer.py,
+    clip_grads.py, grad_scaler.py and utils.py (the local multi-tensor l2 norm), and clipping asserts CUDA grads.
+    The distributed optimizer additionally type-checks ``torch.cuda.*Tensor`` parameters: it stays GPU-only."""
+    import megatron.core.utils as core_utils
+    from megatron.core.optimizer import clip_grads, grad_scaler
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for module in (mcore_optimizer, clip_grads, grad_scaler, core_utils):
+        module.torch = _CpuTorchForSchedules()
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
 
 def install_cpu_rng_tracker() -> None:
     """Make megatron's global model-parallel RNG tracker a :class:`CpuRNGStatesTracker`."""
@@ -112,6 +140,7 @@ def apply() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     schedules.torch = _CpuTorchForSchedules()
+    _adapt_optimizer()
     install_cpu_rng_tracker()
     _applied = True
     return True
