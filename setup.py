@@ -22,6 +22,8 @@ setup(
         "pyyaml",
         "safetensors>=0.4",
         "tqdm",
+        # tools/make_shards.py reads parquet data sets (ViRL39K ships as parquet)
+        "pyarrow>=14",
         # The grader of the published PAPO results; it imports pylatexenc and sympy without declaring them.
         "mathruler==0.1.0",
         "pylatexenc>=2.10",
