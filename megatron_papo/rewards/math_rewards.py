@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from mathruler import grader as mathruler_grader
 from mathruler.grader import grade_answer
 from mathruler.math_normalize import normalize_answer
 
@@ -19,6 +20,9 @@ MAX_SYMPY_CHARS = 256
 # most exponent operators an answer may hold before sympy is skipped (each nesting multiplies the exponent)
 MAX_POWERS = 4
 _WS = re.compile(r"\s+")
+# an exponent that starts with 3+ digits (2^-99999999: mathruler only refuses unsigned ones), or a tower a^-9^9
+_BIG_EXPONENT = re.compile(r"\^[\s{(]*[-+]?[\s{(]*\d[\s,]*\d[\s,]*\d")
+_TOWER = re.compile(r"\^\s*[-+]?\s*[\w.]+\s*\^")
 
 
 def squeeze_tag_spaces(text: str) -> str:
@@ -62,9 +66,20 @@ def last_boxed(text: str) -> str | None:
 
 
 def _sympy_safe(expr: str) -> bool:
-    if len(expr) > MAX_SYMPY_CHARS or "**" in expr:
+    if len(expr) > MAX_SYMPY_CHARS:
         return False
-    if expr.replace("\\!", "").count("!") > 0:                           # factorial of anything can explode
+    # check the text sympy will see too: LaTeX such as 2^-\frac{9999999}{1} only becomes 2^-9999999/1 there
+    return _no_explosive_powers(expr) and _no_explosive_powers(_sympy_view(expr))
+
+
+def _sympy_view(expr: str) -> str:
+    return mathruler_grader._normalize(expr) or ""
+
+
+def _no_explosive_powers(expr: str) -> bool:
+    if "**" in expr or expr.replace("\\!", "").count("!") > 0:           # towers and factorials explode
+        return False
+    if _BIG_EXPONENT.search(expr) or _TOWER.search(expr):
         return False
     return expr.count("^") <= MAX_POWERS
 
