@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_papo.algorithms import (Aggregation, PolicyLossInputs, algorithm_preset, count_global_tokens,
-                                      get_policy_loss, reduce_metrics)
+from megatron_papo.algorithms import (Aggregation, CollapseDetector, PolicyLossInputs, algorithm_preset,
+                                      count_global_tokens, get_policy_loss, reduce_metrics)
 
 F64 = torch.float64
 B, T = 8, 6
@@ -115,6 +115,12 @@ def test_metrics_reduce_exactly_over_splits():
         for k in r:
             assert r[k] == pytest.approx(reduced[0][k], abs=1e-12), k
     assert reduced[0]["num_tokens"] == 31 and reduced[0]["num_seqs"] == 8
+    r = reduced[0]
+    assert r["pg_clipfrac"] == pytest.approx(r["pg_clipfrac_low"] + r["pg_clipfrac_high"])
+    # the reduced metrics feed the collapse detector as they are (this random masked policy is far from the
+    # real one: perception KL ~0.63, past the alarm level)
+    assert set(CollapseDetector.WATCHED) <= set(r) and r["perception_kl"] > 0.5
+    assert "perception KL" in CollapseDetector().update(r)
     assert reduced[0]["loss"] == pytest.approx(_reference_loss(torch.zeros(B, T, dtype=F64), "token-mean").item())
 
 

@@ -23,7 +23,7 @@ Policy loss (per micro-batch, inside megatron's ``loss_func``)::
     # loss: 0-dim tensor to back-propagate. Scaled by agg.grad_scale = M * D so that megatron's schedule
     #   (loss / num_microbatches) and DDP (gradient mean over DP) leave exactly the gradient of the global
     #   token-mean; use Aggregation(framework_averages=False) when summing gradients yourself.
-    # metrics: detached 0-dim token sums {loss, pg_loss, nll, pg_clipfrac_low, pg_clipfrac_high,
+    # metrics: detached 0-dim token sums {loss, pg_loss, nll, pg_clipfrac, pg_clipfrac_low, pg_clipfrac_high,
     #   pg_dualclip_frac, ppo_kl, ratio, [ref_kl], [perception_kl], [mask_nll], [entropy]} + counts num_tokens,
     #   num_seqs; reduce_metrics(list_of_metrics, dp_group) -> exact token means (counts as totals).
 

@@ -33,9 +33,9 @@ def dynamic_sampling_filter(accuracy: torch.Tensor, group_ids: torch.Tensor, low
                          "fix algorithm.dynamic_sampling_min/max")
     mean, _, _ = group_mean_std(accuracy, group_ids)                     # [N] group mean per response
     keep = (mean > low) & (mean < high)
-    uniq, first = _first_of_group(group_ids)
+    num_groups, first = _first_of_group(group_ids)
     kept_groups = int(keep[first].sum())
-    return FilterResult(keep=keep, kept_groups=kept_groups, dropped_groups=uniq - kept_groups)
+    return FilterResult(keep=keep, kept_groups=kept_groups, dropped_groups=num_groups - kept_groups)
 
 
 def _first_of_group(group_ids: torch.Tensor) -> tuple[int, torch.Tensor]:

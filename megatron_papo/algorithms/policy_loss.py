@@ -78,6 +78,7 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, ep
     pg = torch.where(adv < 0, torch.minimum(pg_max, pg3), pg_max)
     clipped = pg1 < pg2                                                   # the clipped branch is active
     flags = {
+        "pg_clipfrac": clipped,                                          # low + high (the reference's clipfrac)
         "pg_clipfrac_low": clipped & (adv < 0),                          # r < 1 - eps_low on a negative advantage
         "pg_clipfrac_high": clipped & (adv > 0),                         # r > 1 + eps_high on a positive advantage
         "pg_dualclip_frac": (adv < 0) & (pg_max > pg3),                  # -A r exceeded -A C
