@@ -39,8 +39,8 @@ def run_ranks(fn, tp: int = 1, pp: int = 1, args: tuple = (), timeout_s: float =
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, tp, pp, fn, args, results), daemon=True)
-             for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, tp, pp, fn, args, results), daemon=False)
+             for r in range(world)]  # not daemonic: the checkpoint writer starts its own helper process
     for p in procs:
         p.start()
     out = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -99,9 +99,10 @@ class VisionTower(MegatronModule):
         out = {}
         for i, layer in enumerate(self.layers):
             out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # None would mark every TP rank replica 0
         for name in ("patch_embed", "merger"):
             out.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets,
-                                                  metadata))
+                                                  metadata, tp_group=tp_group))
         return out
 
     def _rotary(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
