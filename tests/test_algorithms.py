@@ -204,6 +204,21 @@ def test_full_papo_g_objective_against_scalar_reference():
     assert loss.item() == pytest.approx(total / count, abs=1e-12)
 
 
+def test_padding_with_inf_and_nan_stays_finite():
+    cfg = algorithm_preset("papo_d")
+    mask = torch.tensor([[True, True, False]])
+    logp = torch.tensor([[-1.0, -2.0, 0.0]], dtype=F64, requires_grad=True)
+    old = torch.tensor([[-1.1, -1.9, 0.0]], dtype=F64)
+    msk = torch.tensor([[-1.5, -2.5, -float("inf")]], dtype=F64)
+    adv = torch.tensor([[0.5, 0.5, float("nan")]], dtype=F64)
+    loss, m = _loss(cfg, logp, old, adv, mask=mask, mask_logp=msk)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in m.values())
+    assert torch.isfinite(logp.grad).all() and logp.grad[0, 2] == 0
+    clean, _ = _loss(cfg, logp[:, :2].detach(), old[:, :2], adv[:, :2], mask_logp=msk[:, :2])
+    assert loss.item() == pytest.approx(clean.item(), abs=1e-15)
+
+
 # --- advantages and dynamic sampling --------------------------------------------------------------------------
 def test_grpo_advantages_match_loop_reference():
     g = torch.Generator().manual_seed(1)

@@ -25,7 +25,8 @@ Policy loss (per micro-batch, inside megatron's ``loss_func``)::
     #   token-mean; use Aggregation(framework_averages=False) when summing gradients yourself.
     # metrics: detached 0-dim token sums {loss, pg_loss, nll, pg_clipfrac, pg_clipfrac_low, pg_clipfrac_high,
     #   pg_dualclip_frac, ppo_kl, ratio, [ref_kl], [perception_kl], [mask_nll], [entropy]} + counts num_tokens,
-    #   num_seqs; reduce_metrics(list_of_metrics, dp_group) -> exact token means (counts as totals).
+    #   num_seqs; reduce_metrics(list_of_metrics, dp_group) -> exact token means (counts as totals). Log
+    #   metrics["loss"] from there, not the scaled loss megatron reports. Padded positions may hold -inf/NaN.
 
 Inputs: ``mask_logp`` [B, T] from the masked-image forward (detached inside unless ``cfg.perception_grad``; pass
 it with grad when recomputing per micro-batch); ``perception_kl`` [B, T] the exact KL(pi(.|I) || pi(.|I_mask))

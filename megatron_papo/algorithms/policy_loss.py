@@ -97,6 +97,14 @@ def _check_shapes(inp: PolicyLossInputs) -> None:
                              "broadcast_to_tokens)")
 
 
+def _zero_padding(inp: PolicyLossInputs, mask: Tensor) -> PolicyLossInputs:
+    # padded positions may hold -inf/NaN log-probs; selecting them away (not multiplying by 0) keeps both the
+    # loss and the gradient finite, and the gradient there exactly 0
+    def clean(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else torch.where(mask, t, torch.zeros_like(t))
+    return PolicyLossInputs(**{k: clean(v) if k != "response_mask" else v for k, v in vars(inp).items()})
+
+
 def _require(x: Optional[Tensor], what: str, why: str) -> Tensor:
     if x is None:
         raise ValueError(f"PolicyLossInputs.{what} is needed because {why}; compute it in the trainer or set "
@@ -115,6 +123,7 @@ def papo_policy_loss(inp: PolicyLossInputs, cfg: AlgorithmConfig,
     """
     _check_shapes(inp)
     mask = inp.response_mask.bool()
+    inp = _zero_padding(inp, mask)
     logp = inp.logp
     pg, flags = dual_clip_pg(logp, inp.old_logp, inp.advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
     total = pg
