@@ -79,8 +79,11 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _state_dict(model_chunks, optimizer, scheduler, *, step, reader_state, config, is_loading, with_objects=True):
+def _state_dict(model_chunks, optimizer, scheduler, *, step, reader_state, config, is_loading, with_objects=True,
+                extra_modules=None):
     sd: dict = {}
+    for name, module in (extra_modules or {}).items():   # e.g. the frozen reference model, under its own keys
+        sd[f"extra_{name}"] = _unwrap(module).sharded_state_dict(prefix=f"{name}.")
     for i, chunk in enumerate(model_chunks):
         sd["model" if len(model_chunks) == 1 else f"model{i}"] = _unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
@@ -106,7 +109,8 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimizer=None, scheduler=None,
-                    reader_state=None, config: Optional[dict] = None, keep_last: int = 0) -> Path:
+                    reader_state=None, config: Optional[dict] = None, keep_last: int = 0,
+                    extra_modules: Optional[dict] = None) -> Path:
     """Write ``<ckpt_dir>/step_<step>`` atomically on every rank; keep the newest ``keep_last`` (0: all)."""
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -116,7 +120,7 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimiz
         tmp.mkdir(parents=True)
     _barrier()
     sd = _state_dict(model_chunks, optimizer, scheduler, step=step, reader_state=reader_state,
-                     config=config or {}, is_loading=False)
+                     config=config or {}, is_loading=False, extra_modules=extra_modules)
     dist_checkpointing.save(sd, str(tmp))
     _barrier()                                                 # every rank's shards are on disk
     if rank0:
@@ -130,7 +134,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimiz
     return final
 
 
-def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, scheduler=None,
+                    extra_modules: Optional[dict] = None) -> dict:
     """Restore model, optimizer, scheduler and (same layout only) RNG states in place.
 
     Returns ``{"step", "config", "reader_state", "layout"}``; ``reader_state`` is None when the checkpoint was
@@ -140,10 +145,12 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
     common = dist_checkpointing.load_common_state_dict(str(path))
     same_layout = common.get("layout") == _layout()
     sd = _state_dict(model_chunks, optimizer, scheduler, step=0, reader_state=None, config={},
-                     is_loading=True, with_objects=same_layout)
+                     is_loading=True, with_objects=same_layout, extra_modules=extra_modules)
     loaded = dist_checkpointing.load(sd, str(path))
     for i, chunk in enumerate(model_chunks):
         _unwrap(chunk).load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"])
+    for name, module in (extra_modules or {}).items():
+        _unwrap(module).load_state_dict({k[len(name) + 1:]: v for k, v in loaded[f"extra_{name}"].items()})
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

@@ -1,0 +1,74 @@
+"""``--dry-run``: validate the parallel layout for a world size and count parameters per rank analytically.
+
+Counting from the architecture (no allocation) makes the 72B preset's layout checkable on a laptop. Megatron's
+split: attention heads, MLP columns and the (padded) vocabulary divide by TP; norms and the vision tower's
+small pieces are replicated; layers divide over PP; vision tower + embedding sit on the first stage, the final
+norm + output layer on the last.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megatron_papo.config import Config
+from megatron_papo.models import get_preset, padded_vocab_size
+from megatron_papo.platform import check_layout
+
+
+def _lm_layer(spec, tp: int) -> float:
+    h, hd = spec.hidden_size, spec.head_dim
+    q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h           # QKV with bias, output projection
+    mlp = 3 * h * spec.intermediate_size                     # gate, up, down (SwiGLU)
+    return (attn + mlp) / tp + 2 * h                         # two RMSNorms, replicated
+
+
+def _vision(spec, tp: int) -> float:
+    v = spec.vision
+    vh = v.hidden_size
+    block = (3 * vh * vh + 3 * vh + vh * vh + vh + 3 * vh * v.intermediate_size + 2 * v.intermediate_size + vh) / tp
+    block += 2 * vh
+    merged = vh * v.spatial_merge_size ** 2
+    merger = vh + (merged * merged + merged + merged * v.out_hidden_size) / tp + v.out_hidden_size
+    return v.depth * block + 3 * v.temporal_patch_size * v.patch_size ** 2 * vh + merger
+
+
+def params_per_stage(cfg: Config) -> list[int]:
+    """Parameters held by one rank of each pipeline stage (TP-sharded), first stage first."""
+    spec = get_preset(cfg.model.preset)
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    if spec.num_layers % pp:
+        raise ValueError(f"parallel.pipeline_model_parallel_size {pp} must divide the {spec.num_layers} layers of "
+                         f"{cfg.model.preset}")
+    if spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+        raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide the {spec.num_heads} attention "
+                         f"heads of {cfg.model.preset}")
+    vocab = padded_vocab_size(spec.vocab_size) * spec.hidden_size / tp
+    stages = []
+    for s in range(pp):
+        n = spec.num_layers // pp * _lm_layer(spec, tp)
+        if s == 0:
+            n += vocab + _vision(spec, tp)
+        if s == pp - 1:
+            n += spec.hidden_size + (vocab if (not spec.tie_word_embeddings or pp > 1) else 0)
+        stages.append(int(n))
+    return stages
+
+
+def describe_layout(cfg: Config) -> str:
+    p = cfg.parallel
+    world = p.world_size or int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    dp = check_layout(world, p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    if cfg.training.prompts_per_update % dp:
+        raise ValueError(f"training.prompts_per_update ({cfg.training.prompts_per_update}) must be a multiple of the "
+                         f"data-parallel size {dp} (world {world} / TP {p.tensor_model_parallel_size} / PP "
+                         f"{p.pipeline_model_parallel_size})")
+    stages = params_per_stage(cfg)
+    lines = [f"config OK: model {cfg.model.preset}, algorithm {cfg.algorithm.preset}",
+             f"layout: world {world} = TP {p.tensor_model_parallel_size} x PP {p.pipeline_model_parallel_size} "
+             f"x DP {dp}"]
+    for s, n in enumerate(stages):
+        lines.append(f"  pipeline stage {s}: {n / 1e6:,.2f}M parameters per rank")
+    total = sum(stages) * p.tensor_model_parallel_size
+    lines.append(f"parameters per rank: max {max(stages) / 1e6:,.2f}M (model total ~{total / 1e9:,.3f}B)")
+    return "\n".join(lines)

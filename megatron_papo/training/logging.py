@@ -1,0 +1,66 @@
+"""Run logging: tensorboard scalars, one concise console line per step, progress bars, the collapse warning.
+
+Only the logging rank writes (the last rank: it sits on the last pipeline stage, where the loss metrics live).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Optional
+
+import torch.distributed as dist
+
+from megatron_papo.algorithms.metrics import CollapseDetector
+
+# metrics shown on the console line, in order, with their short names
+_CONSOLE = (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("actor/perception_kl", "kl_prcp"),
+            ("actor/ref_kl", "kl_ref"), ("actor/pg_clipfrac", "clip"), ("actor/grad_norm", "gnorm"),
+            ("rollout/response_length", "len"), ("time/step", "s/step"))
+
+
+def is_logging_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+class RunLogger:
+    def __init__(self, tensorboard_dir: Optional[str], log_interval: int = 1, progress: bool = True):
+        self.active = is_logging_rank()
+        self.log_interval, self.progress = max(1, log_interval), progress
+        self.writer = None
+        if self.active and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir)
+        self.collapse = CollapseDetector()
+
+    def info(self, msg: str) -> None:
+        if self.active:
+            print(msg, flush=True)
+
+    def log_step(self, step: int, total: int, metrics: dict) -> None:
+        """Scalars to tensorboard, the collapse check, and a console line every ``log_interval`` steps."""
+        if not self.active:
+            return
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, float(v), step)
+            self.writer.flush()
+        plain = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith("actor/")}
+        warning = self.collapse.update(plain, step)
+        if warning:
+            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+        if step % self.log_interval == 0 or step == total:
+            parts = [f"{short} {float(metrics[k]):.4g}" for k, short in _CONSOLE if k in metrics]
+            print(f"step {step}/{total} | " + " | ".join(parts), flush=True)
+
+    def bar(self, iterable: Iterable, total: int, desc: str):
+        """A progress bar for a long phase (on the logging rank, when enabled)."""
+        if not (self.active and self.progress):
+            return iterable
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,144 @@
+"""Prompt + response sequences packed into micro-batches, and the two passes over them through megatron's schedule.
+
+Rows are right-padded (causal attention: padding after a row's tokens never changes them, so no attention mask),
+every micro-batch of one call has the same shape (pipeline stages exchange fixed-size activations), and a
+response token t of row i is predicted by the logits at position ``prompt_len_i - 1 + t``.
+
+Legend: b rows in a micro-batch, S padded sequence length, T padded response length, V/tp vocabulary shard,
+P image patches of the micro-batch (its rows' images in row order, as the model scatters them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_papo.ops import vocab_parallel_token_stats
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor                 # [b, S] prompt + response, right-padded
+    targets: torch.Tensor                   # [b, S] input_ids shifted left by one (the next token)
+    resp_index: torch.Tensor                # [b, T] position whose logits predict response token t
+    resp_mask: torch.Tensor                 # [b, T] bool
+    pixel_values: Optional[torch.Tensor]    # [P, 1176] or None
+    image_grid_thw: Optional[torch.Tensor]  # [n_images, 3] or None
+    # per-token tensors [b, T] the loss needs (advantages, old_logp, ref_logp, mask_logp), by name
+    tokens: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rows:
+    """N sequences of one RL step: prompt ids, response ids and which images each row sees."""
+    prompt_ids: list            # N LongTensors [s_i]
+    response_ids: torch.Tensor  # [N, T]
+    response_mask: torch.Tensor  # [N, T] bool
+    images: list                # N (pixel_values [P_i, 1176] | None, image_grid_thw [k_i, 3] | None)
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+    def select(self, index) -> "Rows":
+        idx = index.tolist() if torch.is_tensor(index) else list(index)
+        return Rows([self.prompt_ids[i] for i in idx], self.response_ids[idx], self.response_mask[idx],
+                    [self.images[i] for i in idx])
+
+    def with_images(self, images: list) -> "Rows":
+        return replace(self, images=images)
+
+    def concat(self, other: "Rows") -> "Rows":
+        t = max(self.response_ids.shape[1], other.response_ids.shape[1])
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, t - x.shape[1]), value=v)  # noqa: E731
+        return Rows(self.prompt_ids + other.prompt_ids,
+                    torch.cat([pad(self.response_ids, 0), pad(other.response_ids, 0)]),
+                    torch.cat([pad(self.response_mask, False), pad(other.response_mask, False)]),
+                    self.images + other.images)
+
+
+def seq_len(rows: Rows) -> int:
+    return max(int(p.numel()) for p in rows.prompt_ids) + rows.response_ids.shape[1]
+
+
+def pack(rows: Rows, micro_batch_size: int, pad_id: int, seq_length: Optional[int] = None,
+         tokens: Optional[dict] = None, image_token_id: Optional[int] = None) -> list[MicroBatch]:
+    """Split ``rows`` into micro-batches of ``micro_batch_size`` rows, all padded to ``seq_length``.
+
+    A short last micro-batch is filled with empty rows (no response tokens) so every micro-batch has one shape.
+    ``tokens`` maps names to [N, T] tensors sliced alongside. A sampled ``image_token_id`` inside a response is
+    fed to the model as ``pad_id`` (the model expects image features for every image token; the target keeps it).
+    """
+    n, t = rows.response_ids.shape
+    s = seq_length or seq_len(rows)
+    tokens = tokens or {}
+    out = []
+    for start in range(0, n, micro_batch_size):
+        idx = list(range(start, min(start + micro_batch_size, n)))
+        ids = torch.full((micro_batch_size, s), pad_id, dtype=torch.long)
+        resp_index = torch.zeros(micro_batch_size, t, dtype=torch.long)
+        mask = torch.zeros(micro_batch_size, t, dtype=torch.bool)
+        pvs, grids = [], []
+        for r, i in enumerate(idx):
+            p = rows.prompt_ids[i]
+            ids[r, : p.numel()] = p
+            ids[r, p.numel(): p.numel() + t] = rows.response_ids[i]
+            resp_index[r] = torch.arange(p.numel() - 1, p.numel() - 1 + t)
+            mask[r] = rows.response_mask[i]
+            pv, grid = rows.images[i]
+            if pv is not None:
+                pvs.append(pv)
+                grids.append(grid)
+        targets = torch.cat([ids[:, 1:], torch.full((micro_batch_size, 1), pad_id, dtype=torch.long)], dim=1)
+        if image_token_id is not None:
+            in_response = torch.arange(s)[None, :] > resp_index[:, :1]          # [b, S] after the prompt
+            ids = ids.masked_fill(in_response & (ids == image_token_id), pad_id)
+        sliced = {k: _pad_rows(v[idx], micro_batch_size) for k, v in tokens.items()}
+        out.append(MicroBatch(ids, targets, resp_index.clamp(max=s - 1), mask,
+                              torch.cat(pvs) if pvs else None, torch.cat(grids) if grids else None, sliced))
+    return out
+
+
+def _pad_rows(x: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros((b - x.shape[0],) + tuple(x.shape[1:]))]) if x.shape[0] < b else x
+
+
+def to_device(mb: MicroBatch, dev) -> MicroBatch:
+    mv = lambda x: None if x is None else x.to(dev)  # noqa: E731
+    return MicroBatch(mv(mb.input_ids), mv(mb.targets), mv(mb.resp_index), mv(mb.resp_mask), mv(mb.pixel_values),
+                      mv(mb.image_grid_thw), {k: mv(v) for k, v in mb.tokens.items()})
+
+
+def response_stats(logits: torch.Tensor, mb: MicroBatch, temperature: float):
+    """logits [b, S, V/tp] -> (log-probs, entropies) of the response tokens, each [b, T] float32."""
+    logp, ent = vocab_parallel_token_stats(logits, mb.targets, temperature=temperature)  # [b, S]
+    return logp.gather(1, mb.resp_index), ent.gather(1, mb.resp_index)
+
+
+def run_schedule(model, micro_batches: list[MicroBatch], loss_fn: Callable, *, forward_only: bool,
+                 logits_fn: Optional[Callable] = None) -> list:
+    """One pass of megatron's forward/backward schedule (any PP) over ``micro_batches``.
+
+    ``loss_fn(logits, mb) -> (loss, metrics)`` runs on the last stage; returns its metrics per micro-batch there
+    (an empty list on other stages). ``logits_fn(model, mb)`` overrides how a micro-batch is run.
+    """
+    if not micro_batches:
+        return []
+    dev = next(model.parameters()).device
+    batches = [to_device(mb, dev) for mb in micro_batches]
+    run = logits_fn or (lambda m, mb: m(mb.input_ids, pixel_values=mb.pixel_values,
+                                        image_grid_thw=mb.image_grid_thw))
+
+    def forward_step(data_iterator, m):
+        mb = next(data_iterator)
+        return run(m, mb), lambda out: loss_fn(out, mb)
+
+    b, s = batches[0].input_ids.shape
+    with torch.set_grad_enabled(not forward_only):
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+            num_microbatches=len(batches), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+    return out if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else []
