@@ -1,7 +1,7 @@
 """Our megatron Qwen2.5-VL against transformers' Qwen2_5_VLForConditionalGeneration on the same weights.
 
 One spawned 2-rank run checks TP=1, TP=2 and PP=2 on three inputs (text only, one image, a batch holding two
-images and one image); the rest runs in-process (rope index, specs' error paths, presets).
+images and one image), and KV-cache decoding at TP=2; the rest runs in-process (rope index, specs' error paths, presets).
 """
 
 from __future__ import annotations
@@ -92,6 +92,27 @@ def megatron_logits(model, case: dict) -> torch.Tensor | None:
     return out[..., : model.spec.vocab_size].float()
 
 
+@torch.no_grad()
+def kv_cache_logits(model, case: dict, num_decode: int = 2) -> torch.Tensor:
+    """Prefill all but the last num_decode tokens, then decode them one at a time with megatron's static KV
+    cache; returns the logits of the last prefill token and each decoded one [b, 1 + num_decode, V].
+    M-RoPE under the static cache needs the position ids of the whole sequence so far at every step."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    ids = case["input_ids"]
+    pos = model.position_ids(ids, case.get("image_grid_thw"))
+    ctx = StaticInferenceContext(ids.shape[0], ids.shape[1])
+    n = ids.shape[1] - num_decode
+    outs = [model(ids[:, :n], position_ids=pos[:, :, :n], pixel_values=case.get("pixel_values"),
+                  image_grid_thw=case.get("image_grid_thw"), inference_context=ctx, runtime_gather_output=True)]
+    ctx.sequence_len_offset += n
+    for j in range(n, ids.shape[1]):
+        outs.append(model(ids[:, j:j + 1], position_ids=pos[:, :, :j + 1], inference_context=ctx,
+                          runtime_gather_output=True))
+        ctx.sequence_len_offset += 1
+    return torch.cat([o[:, -1:, : model.spec.vocab_size] for o in outs], dim=1)
+
+
 def _layouts_body(rank, world_size, hf_dir, cases, refs):
     from megatron_papo.convert import HFCheckpoint, fill_from_hf
     from megatron_papo.models import build_vlm, spec_from_hf_config
@@ -108,6 +129,12 @@ def _layouts_body(rank, world_size, hf_dir, cases, refs):
             out = megatron_logits(model, case)
             if out is not None:
                 diffs[f"tp{tp}pp{pp}_case{i}"] = (out - refs[i]).abs().max().item()
+            if pp == 1 and tp == 2 and i == 2:
+                diffs["tp2_kv_cache_case2"] = (kv_cache_logits(model, case) - refs[i][:, -3:]).abs().max().item()
+    frozen = build_vlm(spec, freeze_vision=True)
+    if frozen.vision is not None:
+        assert not any(p.requires_grad for p in frozen.vision.parameters())
+        assert all(p.requires_grad for p in frozen.language_model.parameters())
     return diffs
 
 
@@ -119,8 +146,7 @@ def test_logits_match_hf_at_tp1_tp2_pp2(tmp_path):
     refs = [hf_logits(hf, c) for c in cases]
     results = run_multirank(_layouts_body, world_size=2, args=(str(tmp_path / "hf"), cases, refs))
     diffs = {k: v for r in results for k, v in r.items()}
-    assert len(diffs) == 9, diffs
-    print(diffs)
+    assert len(diffs) == 10, diffs
     assert max(diffs.values()) < 1e-4, diffs
 
 
