@@ -439,16 +439,46 @@ def _trainer_entry_missing() -> str | None:
     return None
 
 
+def _newest_step(ckpt_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in ckpt_dir.glob("step_*") if (p / "metadata.json").exists()]
+    return max(steps, default=0)
+
+
 @pytest.mark.skipif(_trainer_entry_missing() is not None, reason=str(_trainer_entry_missing()))
-def test_single_node_script_runs_real_trainer_step_on_two_cpu_ranks(tmp_path):
+def test_single_node_script_real_trainer_steps_is_preempted_and_resumes(tmp_path):
+    """train.sbatch starts the real trainer on 2 CPU ranks; it completes RL steps (saving each), takes the
+    pre-emption signal, saves and exits, the job requeues; the requeued start continues from that checkpoint."""
     cluster = FakeCluster(tmp_path)
-    run = tmp_path / "run"
+    run, shards = tmp_path / "run", tmp_path / "data" / "train"
+    ckpt = run / "checkpoints"
+    env = dict(CONFIG="examples/tiny_cpu.yaml", RUN_DIR=str(run), TRAIN_SHARDS=str(shards))
     proc = cluster.submit("train.sbatch", ["--ntasks-per-node=2", "--gpus-per-node=0"],
-                          ["--set", "training.rl_steps=1", "--set", "checkpoint.save_interval=1"],
-                          CONFIG="examples/tiny_cpu.yaml", RUN_DIR=str(run),
-                          TRAIN_SHARDS=str(tmp_path / "data" / "train"))
-    rc, _ = cluster.finish(proc, timeout=400)
+                          ["--set", "training.rl_steps=200", "--set", "checkpoint.save_interval=1"], **env)
+    deadline = time.monotonic() + 300
+    while _newest_step(ckpt) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _newest_step(ckpt) >= 1, f"no RL step completed; log:\n{cluster.job_log()[-6000:]}"
+    cluster.signal_batch_shell(signal.SIGUSR1)
+    rc, _ = cluster.finish(proc, timeout=300)
+    log = cluster.job_log()
+    stopped_at = _newest_step(ckpt)
+    assert rc == 0, log[-6000:]
+    assert 1 <= stopped_at < 200, (stopped_at, log[-6000:])   # it stopped early, on the signal, with a checkpoint
+    assert cluster.requeued() == [cluster.job_id], log[-6000:]
+    assert "0: " in log and "1: " in log                        # both ranks ran under srun --label
+    resolved = json.loads((ckpt / "config.json").read_text())    # --set plumbing reached the trainer
+    assert resolved["data"]["train_shards"] == str(shards) and resolved["model"]["preset"] == "tiny"
+
+    # The requeued start (same script, --resume auto) continues from step `stopped_at`: the earlier checkpoint is
+    # left untouched and exactly one more step is written.
+    before = (ckpt / f"step_{stopped_at}" / "metadata.json").stat().st_mtime_ns
+    proc = cluster.submit("train.sbatch", ["--ntasks-per-node=2", "--gpus-per-node=0"],
+                          ["--set", f"training.rl_steps={stopped_at + 1}", "--set", "checkpoint.save_interval=1"],
+                          FAKE_SLURM_RESTART_COUNT="1", **env)
+    rc, _ = cluster.finish(proc, timeout=300)
     log = cluster.job_log()
     assert rc == 0, log[-6000:]
-    assert (run / "checkpoints" / "step_1").is_dir(), log[-6000:]
-    assert cluster.requeued() == []
+    assert _newest_step(ckpt) == stopped_at + 1, log[-6000:]
+    assert (ckpt / f"step_{stopped_at}" / "metadata.json").stat().st_mtime_ns == before, "it restarted from scratch"
+    assert f"job {cluster.job_id} (papo) start 2" in log
+    assert cluster.requeued() == [cluster.job_id]                # a normal finish does not requeue
