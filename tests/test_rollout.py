@@ -78,6 +78,8 @@ class CharTokenizer:
 @torch.no_grad()
 def _teacher_forced(model, out, prompts, params):
     """Log-probs of every response token from one full forward per row (no KV cache)."""
+    from megatron.core import parallel_state as ps
+
     from megatron_papo.rollout.sampling import log_probs_of
 
     got = []
@@ -85,7 +87,9 @@ def _teacher_forced(model, out, prompts, params):
         p = prompts[int(out.prompt_index[k])]
         s, n = p.input_ids.numel(), int(out.lengths[k])
         logits = model(seq[None], pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)[0]  # [s+n, Vs]
-        got.append(log_probs_of(logits[s - 1:s - 1 + n], seq[s:], params, vocab_size=model.spec.vocab_size))
+        cols = torch.arange(logits.shape[-1]) + ps.get_tensor_model_parallel_rank() * logits.shape[-1]
+        logits = logits.masked_fill((cols == VSTART) | (cols == IMG), float("-inf"))  # the engine's banned tokens
+        got.append(log_probs_of(logits[s - 1:s - 1 + n], seq[s:], params, vocab_size=model.spec.vocab_size).tolist())
     return got
 
 
@@ -109,12 +113,13 @@ def _engine_body(rank, world_size, hf_dir, prompts_raw):
         assert isinstance(engine, RolloutBackend)
         g = engine.generate(prompts, 2, greedy, seed=0)
         s = engine.generate(prompts, 3, sampled, seed=7)
-        r = dict(greedy=g.response_ids.tolist(), greedy_lp=g.logprobs, sampled=s.response_ids.tolist(),
-                 sampled_lp=s.logprobs, reasons=g.finish_reasons + s.finish_reasons)
+        # plain lists: tensors cross the process boundary through file descriptors of exiting ranks
+        r = dict(greedy=g.response_ids.tolist(), greedy_lp=g.logprobs.tolist(), sampled=s.response_ids.tolist(),
+                 sampled_lp=s.logprobs.tolist(), reasons=g.finish_reasons + s.finish_reasons)
         if pp == 1:
             r["tf_greedy"] = _teacher_forced(model, g, prompts, greedy)
             r["tf_sampled"] = _teacher_forced(model, s, prompts, sampled)
-            r["lengths"] = s.lengths
+            r["lengths"] = s.lengths.tolist()
             r["again"] = engine.generate(prompts, 3, sampled, seed=7).response_ids.tolist()
             r["other_seed"] = engine.generate(prompts, 3, sampled, seed=8).response_ids.tolist()
         results[f"tp{tp}pp{pp}"] = r
@@ -188,8 +193,9 @@ def test_log_probs_equal_teacher_forced_forward(engine_results):
     for layout in ("tp1pp1", "tp2pp1"):
         r = results[0][layout]
         for kind in ("greedy", "sampled"):
-            lp = r[f"{kind}_lp"]
+            lp = torch.tensor(r[f"{kind}_lp"])
             for k, tf in enumerate(r[f"tf_{kind}"]):
+                tf = torch.tensor(tf)
                 torch.testing.assert_close(lp[k, :tf.numel()], tf, atol=1e-4, rtol=1e-4)
                 assert torch.isfinite(tf).all()
 
@@ -203,7 +209,8 @@ def test_sampling_reproducible_and_layout_independent(engine_results):
     for rank_results in results:
         for layout in ("tp2pp1", "tp1pp2"):
             assert rank_results[layout]["sampled"] == base["sampled"], layout
-            torch.testing.assert_close(rank_results[layout]["sampled_lp"], base["sampled_lp"], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(rank_results[layout]["sampled_lp"]),
+                                       torch.tensor(base["sampled_lp"]), atol=1e-4, rtol=1e-4)
 
 
 def test_rows_finish_independently(engine_results):

@@ -60,11 +60,14 @@ class MegatronEngine:
     """``RolloutBackend`` on the megatron VLM this rank holds (the trainer's own weights, no copy).
 
     eos_ids: token ids that end a response (default: the tokenizer's ``eos_id``); tokenizer: needed for stop
-    strings; max_seq_len: longest prompt + response a row may reach; pad_id: fills ``response_ids``.
+    strings; max_seq_len: longest prompt + response a row may reach; pad_id: fills ``response_ids``;
+    banned_ids: tokens never sampled (default: the model's image and vision-start tokens, which a response
+    cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features).
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
-                 pad_id: int | None = None, prefill_batch_size: int = 8, compact_fraction: float = 0.25):
+                 pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
+                 compact_fraction: float = 0.25):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -79,7 +82,11 @@ class MegatronEngine:
         self.max_seq_len = max_seq_len
         self.prefill_batch_size = max(1, prefill_batch_size)
         self.compact_fraction = compact_fraction
-        self.vocab_size = self.stages.model.spec.vocab_size
+        spec = self.stages.model.spec
+        self.vocab_size = spec.vocab_size
+        if banned_ids is None:
+            banned_ids = [spec.image_token_id, spec.vision_start_token_id]
+        self.banned_ids = torch.tensor(sorted(set(int(i) for i in banned_ids)), dtype=torch.long)
 
     # --- public -------------------------------------------------------------------------------------------
 
@@ -185,10 +192,16 @@ class MegatronEngine:
         """Sample on the last stage, hand (token, log-prob) to every stage: ([b] int64, [b] float32)."""
         picked = None
         if self.stages.last:
+            logits = self._ban(logits)
             tok, lp = sample(logits, params, seed=seed, row_ids=rows, step=t, vocab_size=self.vocab_size)
             picked = torch.stack([tok.double(), lp.double()], -1)
         picked = self.stages.broadcast_from_last(picked, (len(rows), 2), torch.float64)
         return picked[:, 0].long(), picked[:, 1].float()
+
+    def _ban(self, logits):  # [b, Vs] this rank's shard
+        start = self.stages.tp_rank * logits.shape[-1]
+        local = self.banned_ids[(self.banned_ids >= start) & (self.banned_ids < start + logits.shape[-1])] - start
+        return logits.index_fill(-1, local, float("-inf")) if local.numel() else logits
 
     def _finish(self, tok, rows, t, tokens, limits, params, reason):
         """Finish code per active row after its (t+1)-th token; rows already finished keep theirs."""
