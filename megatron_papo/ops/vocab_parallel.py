@@ -16,6 +16,9 @@ Numerics: everything is accumulated in float32 (float64 for float64 inputs). Shi
 row max contributes exactly what it would unclamped (nothing), while ``-inf`` entries (masked or padded
 vocabulary) give ``0 * FLOOR = 0`` instead of ``0 * -inf = NaN``, and a zero gradient. Rows need at least one
 finite logit somewhere in the (global) vocabulary.
+
+Logits whose leading dims cannot be flattened as a view (non-contiguous, e.g. a transposed ``[s, b, V]``) are
+copied once in forward and once in backward; pass contiguous logits on the hot path (megatron's are).
 """
 
 from __future__ import annotations
@@ -241,7 +244,7 @@ class _VocabParallelStats(torch.autograd.Function):
             local_t, owned = _local_targets(targets.reshape(-1), tp, vl)
         stats = _local_stats(p, q, local_t, want, temperature)
         res = _finish(_global_stats(stats, owned, tp), want)
-        ctx.names, ctx.temperature, ctx.lead = names, temperature, lead
+        ctx.names, ctx.temperature = names, temperature
         ctx.save_for_backward(logits_p, logits_q, local_t, owned, res["lse_p"], res.get("lse_q"),
                               res.get("entropy"), res.get("kl"))
         ctx.set_materialize_grads(False)
