@@ -4,7 +4,10 @@ megatron-core assumes CUDA in four places that matter for us. Without CUDA we:
   1. make ``torch.cuda.current_device()`` return the CPU device (buffer placement all over megatron);
   2. make ``torch.cuda.synchronize()`` a no-op (pipeline point-to-point communication);
   3. register an RNG tracker with megatron's interface that forks the CPU generator instead of CUDA's;
-  4. route the literal ``device="cuda"`` counter allocation in ``pipeline_parallel/schedules.py`` to the CPU.
+  4. route the literal ``device="cuda"`` counter allocation in ``pipeline_parallel/schedules.py`` to the CPU;
+  5. do the same for the ``device="cuda"`` scalars of megatron's (non-distributed) optimizer, gradient clipping
+     and grad scaler, and clip gradients without clipping's assertion that they are CUDA tensors. The
+     distributed optimizer type-checks ``torch.cuda`` parameters and stays GPU-only.
 
 Everything here is applied by :func:`apply` only when ``torch.cuda.is_available()`` is False; on a GPU machine
 nothing is patched. ``tests/test_cpu_compat.py`` fails loudly if the pinned megatron-core changes under us.
@@ -68,8 +71,8 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
-class _CpuTorchForSchedules(types.ModuleType):
-    """``torch`` as seen by megatron's schedules module: identical except that ``device="cuda"`` means CPU."""
+class _CpuTorch(types.ModuleType):
+    """``torch`` as seen by the patched megatron modules: identical except that ``device="cuda"`` means CPU."""
 
     def __init__(self):
         super().__init__("torch")
@@ -108,7 +111,7 @@ def _adapt_optimizer() -> None:
     from megatron.core.optimizer import optimizer as mcore_optimizer
 
     for module in (mcore_optimizer, clip_grads, grad_scaler, core_utils):
-        module.torch = _CpuTorchForSchedules()
+        module.torch = _CpuTorch()
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
 
@@ -139,7 +142,7 @@ def apply() -> bool:
         )
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
-    schedules.torch = _CpuTorchForSchedules()
+    schedules.torch = _CpuTorch()
     _adapt_optimizer()
     install_cpu_rng_tracker()
     _applied = True
