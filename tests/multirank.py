@@ -13,6 +13,7 @@ A rank that raises fails the test with its traceback; a hung collective fails it
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -42,7 +43,9 @@ def _worker(rank, world_size, port, fn, args, tp, pp, seed, results):
         if tp is not None or pp is not None:
             init_model_parallel(tp=tp or 1, pp=pp or 1, seed=seed)
         out = fn(rank, world_size, *args)
-        results.put((rank, "ok", out))
+        # Plain pickling (not torch's shared-memory reduction): the rank may exit before the parent reads its
+        # result, and an unpicklable result must fail here, with a traceback, instead of hanging the queue.
+        results.put((rank, "ok", pickle.dumps(out)))
         shutdown()
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -83,7 +86,7 @@ def run_multirank(fn, world_size: int, args: tuple = (), tp: int | None = None, 
                                            f"{[procs[i].exitcode for i in dead]})")
                 continue
             if status == "ok":
-                collected[rank] = payload
+                collected[rank] = pickle.loads(payload)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break
