@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from megatron_papo.config import Config, to_dict
 from megatron_papo.platform import init_distributed, init_model_parallel
+from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
 from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
                                                save_checkpoint)
 from megatron_papo.training.logging import RunLogger
@@ -53,10 +54,8 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
                       vision_start_token_id=tokenizer.vision_start_id, transformer_impl=m.transformer_impl,
                       fp8=m.fp8, fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
                       freeze_vision=m.freeze_vision, recompute=m.recompute)
-    if not hasattr(model, "model_type"):                  # megatron's schedules read it off the model chunk
-        from megatron.core.enums import ModelType
-
-        model.model_type = ModelType.encoder_or_decoder
+    ban_tokens(model, vision_token_ids(tokenizer))        # the policy never emits vision special tokens
+    _expose_gpt_attributes(model)
     if m.load:
         from megatron_papo.convert.checkpoint import load_vlm_checkpoint
 
@@ -65,6 +64,20 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
         model.requires_grad_(False)
         model.eval()
     return model
+
+
+def _expose_gpt_attributes(model) -> None:
+    """What megatron's schedules and ``finalize_model_grads`` read off a model chunk, which the VLM wrapper
+    keeps on its language model: the model type, and the tied-embedding accessors used to sum the embedding
+    gradients of the first and last pipeline stages."""
+    from megatron.core.enums import ModelType
+
+    lm = model.language_model
+    if not hasattr(model, "model_type"):
+        model.model_type = ModelType.encoder_or_decoder
+    if not hasattr(model, "share_embeddings_and_output_weights"):
+        model.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
+        model.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
 
 
 @dataclass
