@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -88,25 +89,31 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8, help="samples per prompt (batch = prompts * n)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per side (best is reported)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per side, interleaved (HF, engine, HF, ...); the median is reported")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for both sides (1: on a shared 2-core machine a 2-thread parallel region "
+                        "waits for a preempted thread, which swamps small decode matmuls on either side)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as hf_dir:
         hf = _hf_model(hf_dir, args)
         engine = _engine(hf_dir)
         ids = _prompts(args)
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
         _run_hf(hf, ids[:, :16], warm), _run_engine(engine, ids[:, :16], warm)  # one-time costs out of the timing
-        t_hf = min(_run_hf(hf, ids, args) for _ in range(args.repeats))
-        t_en = min(_run_engine(engine, ids, args) for _ in range(args.repeats))
+        runs = [(_run_hf(hf, ids, args), _run_engine(engine, ids, args)) for _ in range(args.repeats)]
+    t_hf, t_en = (statistics.median(r[i] for r in runs) for i in (0, 1))
     tokens = args.prompts * args.n * args.new_tokens
     params = sum(t.numel() for t in hf.model.language_model.parameters()) + hf.lm_head.weight.numel()
     print(f"model: {params / 1e6:.1f}M language params ({params * 4 / 2**20:.0f} MiB fp32), torch threads "
-          f"{torch.get_num_threads()}")
+          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"workload: {args.prompts} prompts x n={args.n} = batch {args.prompts * args.n}, prompt {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens per row, sampling T=1")
-    print(f"{'backend':<28}{'seconds':>10}{'new tokens':>12}{'tokens/s':>11}")
-    for name, t in (("transformers generate", t_hf), ("megatron_papo engine", t_en)):
-        print(f"{name:<28}{t:>10.2f}{tokens:>12d}{tokens / t:>11.1f}")
+          f"tokens, {args.new_tokens} new tokens per row, sampling T=1; median of {args.repeats} runs")
+    print(f"{'backend':<28}{'seconds':>10}{'new tokens':>12}{'tokens/s':>11}   runs (s)")
+    for i, (name, t) in enumerate((("transformers generate", t_hf), ("megatron_papo engine", t_en))):
+        each = " ".join(f"{r[i]:.2f}" for r in runs)
+        print(f"{name:<28}{t:>10.2f}{tokens:>12d}{tokens / t:>11.1f}   {each}")
     print(f"ratio={t_hf / t_en:.3f}")
 
 

@@ -124,9 +124,21 @@ def _engine_body(rank, world_size, hf_dir, prompts_raw):
             r["other_seed"] = engine.generate(prompts, 3, sampled, seed=8).response_ids.tolist()
         results[f"tp{tp}pp{pp}"] = r
         if tp == 1 and pp == 1:
+            results["megatron_cache"] = _megatron_cache_path(model, prompts, sampled)
             results["finish"] = _finish_cases(model, prompts, g)
             results["edges"] = _edge_cases(model, prompts)
     return results
+
+
+def _megatron_cache_path(model, prompts, params):
+    """The same sampling through megatron-core's own static-cache path (un-rotated keys, re-rotated each step)."""
+    from megatron_papo.rollout import MegatronEngine
+
+    engine = MegatronEngine(model, max_seq_len=64, eos_ids=[])
+    fast = engine.rotated_keys
+    engine.rotated_keys = False
+    out = engine.generate(prompts, 3, params, seed=7)
+    return dict(fast=fast, sampled=out.response_ids.tolist(), sampled_lp=out.logprobs.tolist())
 
 
 def _finish_cases(model, prompts, greedy_out):
@@ -211,6 +223,15 @@ def test_sampling_reproducible_and_layout_independent(engine_results):
             assert rank_results[layout]["sampled"] == base["sampled"], layout
             torch.testing.assert_close(torch.tensor(rank_results[layout]["sampled_lp"]),
                                        torch.tensor(base["sampled_lp"]), atol=1e-4, rtol=1e-4)
+
+
+def test_rotated_key_cache_equals_megatron_cache_path(engine_results):
+    _, _, results = engine_results
+    base, slow = results[0]["tp1pp1"], results[0]["megatron_cache"]
+    assert slow["fast"], "the local spec's attention should cache rotated keys"
+    assert slow["sampled"] == base["sampled"]
+    torch.testing.assert_close(torch.tensor(slow["sampled_lp"]), torch.tensor(base["sampled_lp"]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_rows_finish_independently(engine_results):

@@ -1,8 +1,18 @@
-"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``: the CPU/local spec's attention.
+"""Attention modules of the local spec: SDPA core attention and a self-attention that caches rotated keys.
 
-Drop-in for megatron's ``DotProductAttention`` (same constructor and forward), chosen through the layer spec.
-It needs no CUDA buffers and handles megatron's three cases: no mask, a boolean mask (True = masked out, as
-megatron uses it), and causal attention with fewer queries than keys (KV-cache decoding, bottom-right aligned).
+``SDPAttention``: core attention on ``torch.nn.functional.scaled_dot_product_attention``, a drop-in for
+megatron's ``DotProductAttention`` (same constructor and forward), chosen through the layer spec. It needs no
+CUDA buffers and handles megatron's three cases: no mask, a boolean mask (True = masked out, as megatron uses
+it), and causal attention with fewer queries than keys (KV-cache decoding, bottom-right aligned). Grouped-query
+attention runs on the grouped K/V directly (``enable_gqa``), without repeating them per query head.
+
+``RopeCachingSelfAttention``: megatron's ``SelfAttention`` whose static KV cache can hold keys with RoPE already
+applied. megatron-core 0.16.1's static-batching path (``Attention._adjust_key_value_for_inference``) stores
+un-rotated keys and returns ``k_pos_emb[:sequence_end]``, so every decode step re-computes cos/sin of the
+rotary table and re-rotates ALL cached keys, in every layer: O(cached length) work per token. When the
+inference context opts in (``keys_hold_rope = True``, see ``megatron_papo.rollout``), this module rotates only
+the new keys before storing them, and the model is given the position ids of the new tokens only (the rotary
+table then covers just them). Without the opt-in (training, other callers) it is megatron's module unchanged.
 
 Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim.
 """
@@ -15,7 +25,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
@@ -48,10 +63,6 @@ class SDPAttention(MegatronModule):
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         v = value.permute(1, 2, 0, 3)
-        if self.num_heads != self.num_groups:
-            rep = self.num_heads // self.num_groups
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
         keep = None  # [b|1, 1|np, sq, sk] True = attend
         if attention_mask is not None:
             keep = ~attention_mask
@@ -60,8 +71,57 @@ class SDPAttention(MegatronModule):
             keep = causal if keep is None else keep & causal
         is_causal = mask_type == AttnMaskType.causal and keep is None
         p = self.dropout_p if self.training else 0.0
+        rep = self.num_heads // self.num_groups
+        if sq == 1 and rep > 1 and not is_causal and (keep is None or keep.dim() < 3 or keep.shape[-3] == 1):
+            # one query per row (KV-cache decoding): a group's query heads become that group's queries, so
+            # K/V are read once per group, not once per head; the mask [b|1, 1, 1, sk] broadcasts unchanged
+            q = q.reshape(b, self.num_groups, rep, self.head_dim)  # [b, ng, rep, hn]
         with tensor_parallel.get_cuda_rng_tracker().fork():
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=keep, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale
-            )  # [b, np, sq, hn]
+                q, k, v, attn_mask=keep, dropout_p=p, is_causal=is_causal, scale=self.softmax_scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )  # [b, np, sq, hn] (or [b, ng, rep, hn] = the same memory)
+        out = out.reshape(b, self.num_heads, sq, self.head_dim)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, np*hn]
+
+
+class RopeCachingSelfAttention(SelfAttention):
+    """``SelfAttention`` that, for an opted-in static inference context, caches keys with RoPE applied.
+
+    Contract with the caller when ``inference_context.keys_hold_rope`` is True: the rotary embedding passed in
+    covers the new positions only (``[sq, b, 1, dim]``, from position ids ``[3, b, sq]``), so the query is
+    rotated by megatron's forward as usual and the key is rotated here, once, before it enters the cache.
+    """
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
+                                        rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                                        sequence_len_offset=None, *, inference_params=None):
+        ctx = inference_context if inference_context is not None else inference_params
+        if (ctx is None or not getattr(ctx, "keys_hold_rope", False) or not ctx.is_static_batching()
+                or self.config.flash_decode or self.training):
+            return super()._adjust_key_value_for_inference(
+                ctx, query, key, value, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, rotary_pos_cos_sin,
+                sequence_len_offset)
+        if rotary_pos_emb is not None:
+            q_pos_emb, k_pos_emb = rotary_pos_emb  # [sq, b, 1, dim]: the new positions only
+            if k_pos_emb.shape[0] != key.shape[0]:
+                raise ValueError(f"keys_hold_rope: the rotary embedding must cover the {key.shape[0]} new "
+                                 f"positions only, got {k_pos_emb.shape[0]}; pass the new tokens' position ids")
+            key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, cp_group=self.pg_collection.cp,
+                                       mscale=_yarn_get_concentration_factor_from_config(self.config))
+            rotary_pos_emb = (q_pos_emb, None)  # the query is rotated by the caller, the key is done
+        memory = ctx.key_value_memory_dict.get(self.layer_number)
+        if memory is None:  # [max S, max b, ng, hn] each
+            memory = tuple(self._allocate_memory(ctx.max_sequence_length, ctx.max_batch_size, dim, t.dtype)
+                           for dim, t in ((self.key_hidden_size, key), (self.val_hidden_size, value)))
+            ctx.key_value_memory_dict[self.layer_number] = memory
+        s0, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
+        s1, b1 = s0 + key.shape[0], b0 + key.shape[1]
+        if s1 > memory[0].shape[0] or b1 > memory[0].shape[1]:
+            raise ValueError(f"KV cache overflow: rows {b0}:{b1}, positions {s0}:{s1} exceed the context's "
+                             f"{tuple(memory[0].shape[:2])}; raise max_sequence_length / max_batch_size")
+        memory[0][s0:s1, b0:b1] = key
+        memory[1][s0:s1, b0:b1] = value
+        # past the prompt the single query attends to every cached key (megatron drops the causal mask too)
+        mask_type = AttnMaskType.no_mask if s0 > 0 else self.attn_mask_type
+        return query, memory[0][:s1, b0:b1], memory[1][:s1, b0:b1], rotary_pos_emb, mask_type, None

@@ -13,14 +13,19 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_papo.models.attention import SDPAttention
+from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
 def local_layer_spec(qk_layernorm: bool = False, normalization: str = "RMSNorm") -> ModuleSpec:
-    """megatron's local GPT layer with SDPA core attention (runs on CPU and GPU without Transformer Engine)."""
+    """megatron's local GPT layer with SDPA core attention (runs on CPU and GPU without Transformer Engine).
+
+    Self-attention is ``RopeCachingSelfAttention``: megatron's module, plus rotated-key caching for inference
+    contexts that opt in (the rollout engine); the parameters and every other path are megatron's.
+    """
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    spec.submodules.self_attention.module = RopeCachingSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

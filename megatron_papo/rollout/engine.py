@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_papo.models.attention import RopeCachingSelfAttention
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.pipeline import Stages
 from megatron_papo.rollout.sampling import SamplingParams, sample
@@ -39,10 +40,17 @@ def _eval_mode(model):
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)
+
+
+class _RotatedKeysContext(StaticInferenceContext):
+    """Static KV cache holding keys with RoPE applied (``RopeCachingSelfAttention``): each decode step rotates
+    only its new key, and the model gets the new tokens' position ids only."""
+
+    keys_hold_rope = True
 
 
 @dataclass
@@ -76,6 +84,9 @@ class MegatronEngine:
             raise ValueError(f"MegatronEngine: max_seq_len must be >= 2, got {max_seq_len}")
         self.stages = Stages(model)
         self.model = model
+        layers = self.stages.model.language_model.decoder.layers
+        # the rotated-key cache needs every layer's attention to take part (the local spec's do)
+        self.rotated_keys = all(isinstance(layer.self_attention, RopeCachingSelfAttention) for layer in layers)
         self.tokenizer = tokenizer
         self.eos_ids = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long)
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
@@ -96,7 +107,8 @@ class MegatronEngine:
             return empty_output(prompts, n, self.pad_id)
         with _eval_mode(self.model):
             batch = self._layout(prompts, n, params.max_new_tokens)
-            ctx = StaticInferenceContext(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
+            context = _RotatedKeysContext if self.rotated_keys else StaticInferenceContext
+            ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
             logits = self._prefill(prompts, batch, ctx)  # [P, Vs] on the last stage
             if logits is not None:
                 logits = logits.repeat_interleave(n, dim=0)  # [N, Vs]
@@ -184,7 +196,8 @@ class MegatronEngine:
                 rows, positions, real, tok = rows[keep], positions[:, keep], real[keep], tok[keep]
             S = L + t + 1
             mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
-            logits = self.stages.forward(tok[:, None], positions[:, :, :S], mask, ctx, prefill=False)
+            pos = positions[:, :, S - 1:S] if self.rotated_keys else positions[:, :, :S]  # [3, b, 1 | S]
+            logits = self.stages.forward(tok[:, None], pos, mask, ctx, prefill=False)
             ctx.sequence_len_offset += 1
         return tokens, logprobs, lengths, reason
 
@@ -201,7 +214,8 @@ class MegatronEngine:
     def _ban(self, logits):  # [b, Vs] this rank's shard
         start = self.stages.tp_rank * logits.shape[-1]
         local = self.banned_ids[(self.banned_ids >= start) & (self.banned_ids < start + logits.shape[-1])] - start
-        return logits.index_fill(-1, local, float("-inf")) if local.numel() else logits
+        # in place: the engine owns these logits (a fresh model output or its per-sample copy)
+        return logits.index_fill_(-1, local, float("-inf")) if local.numel() else logits
 
     def _finish(self, tok, rows, t, tokens, limits, params, reason):
         """Finish code per active row after its (t+1)-th token; rows already finished keep theirs."""
@@ -222,7 +236,8 @@ class MegatronEngine:
         prompt_index = torch.arange(len(prompts)).repeat_interleave(n)
         seqs = [torch.cat([prompts[int(i)].input_ids, response[k, :int(lengths[k])]])
                 for k, i in enumerate(prompt_index)]
-        return RolloutOutput(seqs, response, mask, torch.where(mask, logprobs[:, :T], 0.0), lengths,
+        # built outside inference mode: plain tensors the trainer may use in autograd
+        return RolloutOutput(seqs, response, mask, torch.where(mask, logprobs[:, :T], 0.0), lengths.clone(),
                              [_REASONS[int(r)] for r in reason], prompt_index)
 
 

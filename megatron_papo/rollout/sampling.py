@@ -133,10 +133,17 @@ def _local_max(x: torch.Tensor):
     return m, torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+def _shifted_exp(x: torch.Tensor, m_safe: torch.Tensor) -> torch.Tensor:
+    """``exp(x - max)`` ``[N, Vs]`` in float32, the logits' own precision (values in [0, 1]); callers sum or
+    cumsum it in float64, so no token's mass is lost to accumulation over a large vocabulary. Half the cost
+    of a float64 exp over ``[N, Vs]``, which dominated sampling at decode."""
+    return torch.exp(x - m_safe.to(x.dtype)[:, None])
+
+
 def _logsumexp(x: torch.Tensor, shard: _Shard) -> torch.Tensor:
     """Global log-sum-exp per row, float64 ``[N]``."""
     m, m_safe = _local_max(x)
-    s = torch.exp(x.double() - m_safe[:, None]).sum(-1)
+    s = _shifted_exp(x, m_safe).sum(-1, dtype=torch.float64)
     ms = shard.gather(torch.stack([m, s], -1))  # [tp, N, 2]
     gm = ms[..., 0].amax(0)
     return gm + torch.log((ms[..., 1] * torch.exp(ms[..., 0] - gm)).sum(0))
@@ -218,10 +225,14 @@ def processed_logits(logits: torch.Tensor, params: SamplingParams, vocab_size: i
 
 
 def _processed(logits, params, vocab_size, shard):
-    x = logits.float() / params.temperature  # [N, Vs]
+    x = logits.float()  # [N, Vs]; the caller's own tensor when already float32: never written in place
+    if params.temperature != 1.0:
+        x = x / params.temperature
     if vocab_size is not None and shard.offset + x.shape[-1] > vocab_size:
-        ids = torch.arange(shard.offset, shard.offset + x.shape[-1])
-        x = x.masked_fill(ids[None, :] >= vocab_size, _NEG_INF)
+        pad = slice(max(0, vocab_size - shard.offset), None)  # this shard's columns past the vocabulary
+        if not bool(torch.isneginf(x[:, pad]).all()):  # the model usually masked them already
+            x = x.clone() if x is logits else x
+            x[:, pad] = _NEG_INF
     total = vocab_size if vocab_size is not None else x.shape[-1] * shard.size
     if 0 < params.top_k < total:
         x = _apply_top_k(x, params.top_k, shard)
@@ -235,7 +246,7 @@ def _processed(logits, params, vocab_size, shard):
 def _greedy(x: torch.Tensor, shard: _Shard):
     idx = x.argmax(dim=-1)  # first maximum on this shard
     m, m_safe = _local_max(x)
-    s = torch.exp(x.double() - m_safe[:, None]).sum(-1)
+    s = _shifted_exp(x, m_safe).sum(-1, dtype=torch.float64)
     g = shard.gather(torch.stack([m, s, (idx + shard.offset).double()], -1))  # [tp, N, 3]
     best = g[..., 0].argmax(0)  # first rank holding the global maximum = lowest token id among ties
     gm = g[..., 0].amax(0)
@@ -247,7 +258,7 @@ def _greedy(x: torch.Tensor, shard: _Shard):
 def _inverse_cdf(x: torch.Tensor, u: torch.Tensor, shard: _Shard):
     """Draw token = first global id whose cumulative probability exceeds u, in global vocabulary order."""
     m, m_safe = _local_max(x)
-    cdf = torch.cumsum(torch.exp(x.double() - m_safe[:, None]), -1)  # [N, Vs] local, unnormalised
+    cdf = torch.cumsum(_shifted_exp(x, m_safe), -1, dtype=torch.float64)  # [N, Vs] local, unnormalised
     g = shard.gather(torch.stack([m, cdf[:, -1]], -1))  # [tp, N, 2]
     gm = g[..., 0].amax(0)
     mass = g[..., 1] * torch.exp(g[..., 0] - gm)  # [tp, N] shard masses, same scale on every rank
