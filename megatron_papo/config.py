@@ -178,6 +178,8 @@ class TrainingConfig:
     ppo_epochs: int = 1
     # supervised warm-start steps on the data's answers before RL (the CPU demo uses them; 0: none)
     warmup_sft_steps: int = 0
+    # peak learning rate of the supervised warm-start steps (0: optimizer.lr)
+    warmup_sft_lr: float = 0.0
     # run seed: model init, data order, masks, sampling
     seed: int = 1234
 

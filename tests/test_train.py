@@ -93,13 +93,15 @@ def _single_rank_body(rank, world, root, init):
     out["gamma0"] = runs
 
     kl = {}
-    for name, scale in (("sees", 50.0), ("blind", 0.0)):
-        run = _build(root, init)
+    grad, exact = "algorithm.perception_grad=true", "algorithm.exact_perception_kl=true"
+    for name, scale, sets in (("sees", 50.0, ()), ("blind", 0.0, ()), ("sees_grad", 50.0, (grad,)),
+                              ("sees_exact", 50.0, (exact,)), ("blind_exact", 0.0, (exact,))):
+        run = _build(root, init, *sets)
         fc2 = run.ctx.policy.module.vision.merger.linear_fc2
         with torch.no_grad():                 # scale 0: image features vanish, the image cannot matter
             fc2.weight.mul_(scale)
             fc2.bias.mul_(scale)
-        kl[name] = rl_step(run.ctx, iter(run.reader), 1)["actor/perception_kl"]
+        kl[name] = rl_step(run.ctx, iter(run.reader), 1)
     out["kl"] = kl
     return out
 
@@ -152,6 +154,26 @@ def test_papo_g_with_gamma_zero_is_grpo(results):
 
 
 def test_image_blind_policy_has_zero_perception_kl(results):
-    single, _ = results
-    assert single["kl"]["sees"] > 1e-6, single["kl"]
-    assert abs(single["kl"]["blind"]) < 1e-9, single["kl"]
+    kl = {k: m["actor/perception_kl"] for k, m in results[0]["kl"].items()}
+    assert kl["sees"] > 1e-6 and kl["sees_exact"] > 1e-6, kl
+    assert abs(kl["blind"]) < 1e-9 and abs(kl["blind_exact"]) < 1e-9, kl
+
+
+def test_masked_rows_in_the_update_give_the_scoring_pass_values(results):
+    """perception_grad / exact_perception_kl pair each update micro-batch with its masked rows; the forward
+    values must be those of the default path (masked log-probs from the once-per-step scoring pass)."""
+    m = results[0]["kl"]
+    for k in ("actor/loss", "actor/pg_loss", "actor/perception_kl", "actor/mask_nll", "actor/entropy"):
+        assert math.isclose(m["sees_grad"][k], m["sees"][k], rel_tol=1e-4, abs_tol=1e-7), k
+    assert math.isclose(m["sees_exact"]["actor/mask_nll"], m["sees"]["actor/mask_nll"], rel_tol=1e-4)
+    # the exact KL and the sampled k3 estimate measure the same divergence
+    assert 0.2 < m["sees_exact"]["actor/perception_kl"] / m["sees"]["actor/perception_kl"] < 5.0
+
+
+@pytest.mark.parametrize("field", ["perception_grad", "exact_perception_kl"])
+def test_perception_options_without_perception_loss_are_rejected(tmp_path, field):
+    from megatron_papo.training.trainer import build_run
+
+    cfg = _cfg(str(tmp_path), "algorithm.preset=grpo", f"algorithm.{field}=true")
+    with pytest.raises(ValueError, match=field):
+        build_run(cfg)

@@ -27,7 +27,8 @@ from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
-from megatron_papo.training.sequences import Rows, pack, response_stats, run_schedule, seq_len
+from megatron_papo.training.sequences import (Rows, pack, pair, paired_response_stats, response_stats, run_schedule,
+                                              seq_len)
 
 
 @dataclass
@@ -165,6 +166,20 @@ def needs_masked(cfg: Config) -> bool:
     return a.gamma > 0 or a.eta2 > 0
 
 
+def masked_in_update(cfg: Config) -> bool:
+    """The masked rows ride along in every update micro-batch (with gradient, or for the exact KL); otherwise
+    their log-probs are computed once per step in the no-grad scoring pass."""
+    a = cfg.algorithm
+    if (a.perception_grad or a.exact_perception_kl) and not needs_masked(cfg):
+        field = "perception_grad" if a.perception_grad else "exact_perception_kl"
+        raise ValueError(f"algorithm.{field}=true has no effect without the perception loss; set algorithm.gamma "
+                         f"(or algorithm.eta2) > 0, or algorithm.{field}=false")
+    if a.exact_perception_kl and a.gamma == 0:
+        raise ValueError("algorithm.exact_perception_kl=true only changes the gamma term; set algorithm.gamma > 0 "
+                         "or algorithm.exact_perception_kl=false")
+    return needs_masked(cfg) and (a.perception_grad or a.exact_perception_kl)
+
+
 def score(ctx: RLContext, rows: Rows, masked_images: Optional[list]) -> dict:
     """No-grad per-token log-probs [N, T]: ``old_logp``, ``mask_logp`` (one batched policy forward over the real
     and masked rows together) and ``ref_logp`` (one reference forward). Filled on the last pipeline stage only."""
@@ -192,9 +207,14 @@ def _cat(outputs: list, key: str) -> Optional[torch.Tensor]:
     return torch.cat([o[key].detach().cpu() for o in outputs]) if outputs else None
 
 
-def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_groups: int) -> list[dict]:
-    """PPO epochs x ``num_updates`` optimizer steps over contiguous mini-batches of rows; metrics per step."""
+def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_groups: int,
+               masked_images: Optional[list] = None) -> list[dict]:
+    """PPO epochs x ``num_updates`` optimizer steps over contiguous mini-batches of rows; metrics per step.
+
+    With ``masked_images`` each micro-batch also carries its rows with the masked images (see ``pair``), for
+    ``algorithm.perception_grad`` / ``algorithm.exact_perception_kl``."""
     cfg = ctx.cfg
+    a = cfg.algorithm
     loss_fn_algo = get_policy_loss(cfg.algorithm.policy_loss)
     per = (num_groups // num_updates) * ctx.cfg.rollout.n         # whole prompt groups per optimizer step
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=False)
@@ -209,14 +229,24 @@ def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_g
             num_tokens, num_seqs = count_global_tokens([m.resp_mask for m in mbs], group=dp_group)
             agg = Aggregation(cfg.algorithm.loss_agg, max(num_tokens, 1.0), max(num_seqs, 1.0), len(mbs),
                               ctx.dp_size)
+            if masked_images is not None:
+                masked = pack(sub.with_images([masked_images[i] for i in idx]), cfg.training.micro_batch_size,
+                              ctx.tokenizer.pad_id, seq_len(rows), image_token_id=ctx.tokenizer.image_token_id)
+                mbs = [pair(r, m) for r, m in zip(mbs, masked)]
 
             def loss_fn(logits, mb):
-                logp, ent = response_stats(logits, mb, cfg.rollout.temperature)
                 t = mb.tokens
+                mask_logp, kl = t.get("mask_logp"), None
+                if masked_images is None:
+                    logp, ent = response_stats(logits, mb, cfg.rollout.temperature)
+                else:
+                    logp, ent, mask_logp, kl = paired_response_stats(logits, mb, cfg.rollout.temperature,
+                                                                     masked_grad=a.perception_grad)
                 inp = PolicyLossInputs(logp=logp, old_logp=t["old_logp"], advantages=t["advantages"],
                                        response_mask=mb.resp_mask, ref_logp=t.get("ref_logp"),
-                                       mask_logp=t.get("mask_logp"), entropy=ent.detach())
-                return loss_fn_algo(inp, cfg.algorithm, agg)
+                                       mask_logp=mask_logp, perception_kl=kl if a.exact_perception_kl else None,
+                                       entropy=ent.detach())
+                return loss_fn_algo(inp, a, agg)
 
             zero_grads(ctx.optimizer, [ctx.policy])
             metrics = run_schedule(ctx.policy, mbs, loss_fn, forward_only=False)
@@ -238,13 +268,14 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
         metrics.update({"time/rollout": t1 - t0, "update/skipped_no_groups": 1.0})
         return metrics
     adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples), n))
-    tokens = score(ctx, rows, roll.masked if needs_masked(cfg) else None)
+    in_update = masked_in_update(cfg)
+    tokens = score(ctx, rows, roll.masked if needs_masked(cfg) and not in_update else None)
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
     if "old_logp" not in tokens:                                # not the last stage: placeholders, never read
         tokens["old_logp"] = torch.zeros_like(tokens["advantages"])
     num_updates = max(1, min(cfg.training.prompts_per_step // cfg.training.prompts_per_update, len(roll.samples)))
-    updates = ppo_update(ctx, rows, tokens, num_updates, len(roll.samples))
+    updates = ppo_update(ctx, rows, tokens, num_updates, len(roll.samples), roll.masked if in_update else None)
     t3 = time.perf_counter()
     for key in updates[0]:
         vals = [u[key] for u in updates if key in u]

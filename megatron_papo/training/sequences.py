@@ -17,7 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_papo.ops import vocab_parallel_token_stats
+from megatron_papo.ops import vocab_parallel_pair_stats, vocab_parallel_token_stats
 
 
 @dataclass
@@ -116,6 +116,31 @@ def response_stats(logits: torch.Tensor, mb: MicroBatch, temperature: float):
     """logits [b, S, V/tp] -> (log-probs, entropies) of the response tokens, each [b, T] float32."""
     logp, ent = vocab_parallel_token_stats(logits, mb.targets, temperature=temperature)  # [b, S]
     return logp.gather(1, mb.resp_index), ent.gather(1, mb.resp_index)
+
+
+def pair(real: MicroBatch, masked: MicroBatch) -> MicroBatch:
+    """One micro-batch of 2b rows: b rows with the real images, then the same b rows with the masked images.
+
+    ``resp_mask`` and ``tokens`` stay those of the real rows ([b, T]); ids, targets and response positions are
+    stacked ([2b, ...]); the images follow the rows (the real rows' images first, as the model scatters them).
+    """
+    cat = lambda a, b: a if b is None else (b if a is None else torch.cat([a, b]))  # noqa: E731
+    return MicroBatch(torch.cat([real.input_ids, masked.input_ids]), torch.cat([real.targets, masked.targets]),
+                      torch.cat([real.resp_index, masked.resp_index]), real.resp_mask,
+                      cat(real.pixel_values, masked.pixel_values), cat(real.image_grid_thw, masked.image_grid_thw),
+                      real.tokens)
+
+
+def paired_response_stats(logits: torch.Tensor, mb: MicroBatch, temperature: float, masked_grad: bool):
+    """logits [2b, S, V/tp] of a :func:`pair` micro-batch -> (logp, entropy, mask_logp, exact KL(real || masked)),
+    each [b, T]. Without ``masked_grad`` the masked rows are a constant target (no gradient through them)."""
+    b = mb.resp_mask.shape[0]
+    real, masked = logits[:b], logits[b:]
+    if not masked_grad:
+        masked = masked.detach()
+    st = vocab_parallel_pair_stats(real, masked, mb.targets[:b], temperature=temperature)  # each [b, S]
+    idx = mb.resp_index[:b]
+    return tuple(x.gather(1, idx) for x in (st.log_probs, st.entropy, st.log_probs_q, st.kl))
 
 
 def run_schedule(model, micro_batches: list[MicroBatch], loss_fn: Callable, *, forward_only: bool,

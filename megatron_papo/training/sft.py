@@ -7,6 +7,7 @@ worked answers) or, failing that, ``\\boxed{answer}``, followed by EOS.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator
 
 import torch
@@ -52,14 +53,38 @@ def sft_step(ctx, samples: list) -> dict:
     return {"sft/nll": nll, "grad_norm": res.grad_norm}
 
 
+@contextmanager
+def peak_lr(scheduler, optimizer, lr: float):
+    """Run with peak learning rate ``lr`` (the schedule's shape kept; 0: unchanged), then restore."""
+    if not lr:
+        yield
+        return
+    groups = optimizer.param_groups
+    saved = [g.get("max_lr") for g in groups]
+    for g in groups:
+        g["max_lr"] = lr                      # megatron's scheduler reads a group's own max_lr first
+    scheduler.step(increment=0)
+    try:
+        yield
+    finally:
+        for g, old in zip(groups, saved):
+            if old is None:
+                g.pop("max_lr", None)
+            else:
+                g["max_lr"] = old
+        scheduler.step(increment=0)
+
+
 def warm_start(ctx, reader: Iterator[dict], steps: int, logger) -> list[float]:
-    """``steps`` supervised steps on ``prompts_per_step`` samples each; returns the NLL per step."""
+    """``steps`` supervised steps on ``prompts_per_step`` samples each (peak learning rate
+    ``training.warmup_sft_lr``); returns the NLL per step."""
     nlls = []
-    for i in logger.bar(range(steps), steps, "warm-start"):
-        m = sft_step(ctx, [next(reader) for _ in range(ctx.prompts_per_rank)])
-        nlls.append(m["sft/nll"])
-        if logger.writer is not None:
-            logger.writer.add_scalar("sft/nll", m["sft/nll"], i + 1)
+    with peak_lr(ctx.scheduler, ctx.optimizer, ctx.cfg.training.warmup_sft_lr):
+        for i in logger.bar(range(steps), steps, "warm-start"):
+            m = sft_step(ctx, [next(reader) for _ in range(ctx.prompts_per_rank)])
+            nlls.append(m["sft/nll"])
+            if logger.writer is not None:
+                logger.writer.add_scalar("sft/nll", m["sft/nll"], i + 1)
     if nlls:
         logger.info(f"warm-start done: answer NLL {nlls[0]:.3f} -> {nlls[-1]:.3f}")
     return nlls

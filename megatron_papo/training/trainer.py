@@ -20,7 +20,7 @@ from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_pat
                                                save_checkpoint)
 from megatron_papo.training.logging import RunLogger
 from megatron_papo.training.optimizer import build_optimizer, wrap_ddp
-from megatron_papo.training.rl_step import RLContext, rl_step
+from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
 from megatron_papo.training.sft import warm_start
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -96,6 +96,7 @@ def optimizer_steps(cfg: Config) -> int:
 def build_run(cfg: Config) -> Run:
     from megatron_papo.rollout import MegatronEngine
 
+    masked_in_update(cfg)                                   # option errors before any process group starts
     init_distributed()
     p = cfg.parallel
     init_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.training.seed)

@@ -1,0 +1,91 @@
+"""RL step time of PAPO-G over GRPO, same config and seed, measured side by side in one process.
+
+Both runs start from the same weights (same seed) and read the same prompts; their steps are interleaved
+(GRPO step k, PAPO-G step k, GRPO step k+1, ...) so a load change on the machine hits both alike, and the first
+``--warmup`` steps of each are not timed. PAPO-G's extra work per step: masking the images and the masked rows'
+scoring forward (batched with the old-log-prob forward). Per phase the table shows the median seconds per step;
+the last line is ``ratio=<median PAPO-G step time / median GRPO step time>``.
+
+  python benchmarks/papo_overhead.py [--steps 8] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
+      [--set key=value ...]
+
+The defaults are the embedded demo's model and data (a tiny VLM on CPU). On a GPU node pass a bigger preset with
+``--set model.preset=qwen2.5-vl-3b --set model.load=...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+PHASES = ("time/rollout", "time/scoring", "time/update", "time/step")
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8, help="timed RL steps per algorithm")
+    p.add_argument("--warmup", type=int, default=1, help="untimed RL steps per algorithm first")
+    p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    p.add_argument("--n", type=int, default=8, help="rollouts per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p.parse_args()
+
+
+def _config(args, preset: str, workdir: str):
+    from megatron_papo.config import load_config
+    from megatron_papo.training.entry import default_config_tree
+
+    sets = [f"algorithm.preset={preset}", f"training.prompts_per_step={args.prompts}",
+            f"training.prompts_per_update={args.prompts}", f"rollout.n={args.n}",
+            f"rollout.max_new_tokens={args.max_new_tokens}", "training.warmup_sft_steps=0",
+            "logging.tensorboard_dir=null", "logging.progress=false", f"checkpoint.dir={workdir}/ckpt",
+            f"data.train_shards={workdir}/data"]
+    return load_config(None, sets + list(args.overrides), base=default_config_tree())
+
+
+def main() -> int:
+    args = _args()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29561")
+    from megatron_papo.training.rl_step import rl_step
+    from megatron_papo.training.trainer import build_run
+
+    with tempfile.TemporaryDirectory(prefix="papo_overhead_") as workdir:
+        runs = {}
+        for name, preset in (("grpo", "grpo"), ("papo_g", "papo_g")):
+            run = build_run(_config(args, preset, workdir))   # same seed: same initial weights and prompts
+            runs[name] = (run, iter(run.reader))
+        times = {name: {k: [] for k in PHASES} for name in runs}
+        tokens = {name: 0.0 for name in runs}
+        for step in range(1, args.warmup + args.steps + 1):
+            for name, (run, it) in runs.items():
+                t0 = time.perf_counter()
+                m = rl_step(run.ctx, it, step)
+                wall = time.perf_counter() - t0
+                if step > args.warmup:
+                    for k in PHASES:
+                        times[name][k].append(wall if k == "time/step" else m.get(k, 0.0))
+                    tokens[name] += m["rollout/response_length"]
+            print(f"step {step}: " + "  ".join(f"{n} {times[n]['time/step'][-1]:.3f}s" if step > args.warmup
+                                              else f"{n} (warm-up)" for n in runs), file=sys.stderr, flush=True)
+    med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
+    print(f"{'phase (median s/step)':<24}{'grpo':>10}{'papo_g':>10}{'ratio':>8}")
+    for k in PHASES:
+        g, p = med["grpo"][k], med["papo_g"][k]
+        print(f"{k.split('/')[1]:<24}{g:>10.4f}{p:>10.4f}{(p / g if g else float('nan')):>8.3f}")
+    for n in runs:
+        print(f"mean response length {n}: {tokens[n] / args.steps:.2f} tokens")
+    print(f"ratio={med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
