@@ -135,8 +135,8 @@ def _megatron_cache_path(model, prompts, params):
     from megatron_papo.rollout import MegatronEngine
 
     engine = MegatronEngine(model, max_seq_len=64, eos_ids=[])
-    fast = engine.rotated_keys
-    engine.rotated_keys = False
+    fast = engine.shared_cache
+    engine.shared_cache = False
     out = engine.generate(prompts, 3, params, seed=7)
     return dict(fast=fast, sampled=out.response_ids.tolist(), sampled_lp=out.logprobs.tolist())
 
@@ -225,10 +225,10 @@ def test_sampling_reproducible_and_layout_independent(engine_results):
                                        torch.tensor(base["sampled_lp"]), atol=1e-4, rtol=1e-4)
 
 
-def test_rotated_key_cache_equals_megatron_cache_path(engine_results):
+def test_shared_prompt_cache_equals_megatron_cache_path(engine_results):
     _, _, results = engine_results
     base, slow = results[0]["tp1pp1"], results[0]["megatron_cache"]
-    assert slow["fast"], "the local spec's attention should cache rotated keys"
+    assert slow["fast"], "the local spec's attention should use the shared-prompt, rotated-key cache"
     assert slow["sampled"] == base["sampled"]
     torch.testing.assert_close(torch.tensor(slow["sampled_lp"]), torch.tensor(base["sampled_lp"]),
                                atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -57,6 +58,8 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention takes no packed sequences or attention bias; use an explicit mask")
+        if isinstance(key, SharedPrefixKV):
+            return self._shared_prefix_decode(query, key)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         sq, b = query.shape[0], query.shape[1]
         sk = key.shape[0]
@@ -84,6 +87,56 @@ class SDPAttention(MegatronModule):
         out = out.reshape(b, self.num_heads, sq, self.head_dim)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, np*hn]
 
+    def _shared_prefix_decode(self, query: torch.Tensor, kv: "SharedPrefixKV") -> torch.Tensor:
+        """One query per row against its prompt's shared keys and its own response keys: [1, b, np*hn].
+
+        Softmax over the two parts is merged exactly (each part's max and sum, rescaled to the common max).
+        """
+        b, ng, hn = query.shape[1], self.num_groups, self.head_dim
+        rep = self.num_heads // ng
+        q = query[0].reshape(b, ng, rep, hn) * self.softmax_scale  # [b, ng, rep, hn]
+        # the rows' own keys: [b, ng, rep, t]
+        s_own = q @ kv.own_key.transpose(-1, -2)
+        m_own = s_own.amax(-1, keepdim=True)
+        e_own = torch.exp(s_own - m_own)
+        sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, rep, 1|hn]
+        # each prompt's keys, read once for all its rows: [ng, c*rep, L] per prompt
+        m_pre, sum_pre, o_pre = [], [], []
+        start = 0
+        for p, c in enumerate(kv.row_counts):
+            if c == 0:
+                continue
+            qp = q[start:start + c].transpose(0, 1).reshape(ng, c * rep, hn)
+            sp = (qp @ kv.prefix_key[p].transpose(-1, -2)).masked_fill(~kv.prefix_keep[p], float("-inf"))
+            mp = sp.amax(-1, keepdim=True)
+            ep = torch.exp(sp - mp)
+            back = lambda t: t.reshape(ng, c, rep, -1).transpose(0, 1)  # noqa: E731 - [c, ng, rep, *]
+            m_pre.append(back(mp)), sum_pre.append(back(ep.sum(-1, keepdim=True)))
+            o_pre.append(back(ep @ kv.prefix_value[p]))
+            start += c
+        m_pre, sum_pre, o_pre = torch.cat(m_pre), torch.cat(sum_pre), torch.cat(o_pre)
+        m = torch.maximum(m_own, m_pre)
+        a_own, a_pre = torch.exp(m_own - m), torch.exp(m_pre - m)
+        out = (o_own * a_own + o_pre * a_pre) / (sum_own * a_own + sum_pre * a_pre)  # [b, ng, rep, hn]
+        return out.reshape(1, b, self.num_heads * hn)
+
+
+@dataclass
+class SharedPrefixKV:
+    """A decode step's KV cache with each prompt's keys stored once for all its sample rows.
+
+    prefix_key / prefix_value ``[P, ng, L, hn]`` (keys rotated), prefix_keep ``[P, L]`` bool (False on left
+    padding), row_counts: rows per prompt (rows are prompt-major), own_key / own_value ``[b, ng, t, hn]``: each
+    row's response so far, the current token included. Built by ``megatron_papo.rollout.kv_cache``.
+    """
+
+    prefix_key: torch.Tensor
+    prefix_value: torch.Tensor
+    prefix_keep: torch.Tensor
+    row_counts: list
+    own_key: torch.Tensor
+    own_value: torch.Tensor
+
 
 class RopeCachingSelfAttention(SelfAttention):
     """``SelfAttention`` that, for an opted-in static inference context, caches keys with RoPE applied.
@@ -110,6 +163,9 @@ class RopeCachingSelfAttention(SelfAttention):
             key = apply_rotary_pos_emb(key, k_pos_emb, config=self.config, cp_group=self.pg_collection.cp,
                                        mscale=_yarn_get_concentration_factor_from_config(self.config))
             rotary_pos_emb = (q_pos_emb, None)  # the query is rotated by the caller, the key is done
+        if getattr(ctx, "shares_prefix", False):  # decoding on shared prompt keys (core attention: SDPAttention)
+            kv = ctx.decode_kv(self.layer_number, key, value)
+            return query, kv, kv, rotary_pos_emb, AttnMaskType.no_mask, None
         memory = ctx.key_value_memory_dict.get(self.layer_number)
         if memory is None:  # [max S, max b, ng, hn] each
             memory = tuple(self._allocate_memory(ctx.max_sequence_length, ctx.max_batch_size, dim, t.dtype)

@@ -26,8 +26,9 @@ from typing import Sequence
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_papo.models.attention import RopeCachingSelfAttention
+from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
 from megatron_papo.rollout.base import RolloutOutput, empty_output
+from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.pipeline import Stages
 from megatron_papo.rollout.sampling import SamplingParams, sample
 
@@ -44,13 +45,6 @@ def _eval_mode(model):
             yield
     finally:
         model.train(was_training)
-
-
-class _RotatedKeysContext(StaticInferenceContext):
-    """Static KV cache holding keys with RoPE applied (``RopeCachingSelfAttention``): each decode step rotates
-    only its new key, and the model gets the new tokens' position ids only."""
-
-    keys_hold_rope = True
 
 
 @dataclass
@@ -85,8 +79,11 @@ class MegatronEngine:
         self.stages = Stages(model)
         self.model = model
         layers = self.stages.model.language_model.decoder.layers
-        # the rotated-key cache needs every layer's attention to take part (the local spec's do)
-        self.rotated_keys = all(isinstance(layer.self_attention, RopeCachingSelfAttention) for layer in layers)
+        # the shared-prompt, rotated-key cache (rollout.kv_cache) needs every layer's attention to take part
+        # (the local spec's do); otherwise megatron's own static cache, prompt rows copied to their samples
+        self.shared_cache = all(isinstance(layer.self_attention, RopeCachingSelfAttention)
+                                and isinstance(layer.self_attention.core_attention, SDPAttention)
+                                for layer in layers)
         self.tokenizer = tokenizer
         self.eos_ids = torch.tensor(sorted(set(int(e) for e in eos_ids)), dtype=torch.long)
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer is not None else 0)
@@ -107,12 +104,16 @@ class MegatronEngine:
             return empty_output(prompts, n, self.pad_id)
         with _eval_mode(self.model):
             batch = self._layout(prompts, n, params.max_new_tokens)
-            context = _RotatedKeysContext if self.rotated_keys else StaticInferenceContext
+            context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
             ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
             logits = self._prefill(prompts, batch, ctx)  # [P, Vs] on the last stage
             if logits is not None:
                 logits = logits.repeat_interleave(n, dim=0)  # [N, Vs]
-            _expand_cache(ctx, torch.arange(len(prompts)).repeat_interleave(n))
+            L = batch.ids.shape[1]
+            if self.shared_cache:
+                ctx.share_prefix(L, n, batch.real[::n, :L], batch.real.shape[1] - L)
+            else:
+                _expand_cache(ctx, torch.arange(len(prompts)).repeat_interleave(n))
             tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed)
         return self._output(prompts, n, tokens, logprobs, lengths, reasons)
 
@@ -192,11 +193,17 @@ class MegatronEngine:
                 break
             if int((~active).sum()) >= max(1, int(self.compact_fraction * len(rows))):
                 keep = active.nonzero().squeeze(-1)
-                _expand_cache(ctx, keep)
+                if self.shared_cache:
+                    ctx.keep_rows(keep, rows // (N // batch.ids.shape[0]))
+                else:
+                    _expand_cache(ctx, keep)
                 rows, positions, real, tok = rows[keep], positions[:, keep], real[keep], tok[keep]
             S = L + t + 1
-            mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
-            pos = positions[:, :, S - 1:S] if self.rotated_keys else positions[:, :, :S]  # [3, b, 1 | S]
+            if self.shared_cache:  # the cache holds the prompts' padding; new tokens get their own positions
+                mask, pos = None, positions[:, :, S - 1:S]  # [3, b, 1]
+            else:
+                mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
+                pos = positions[:, :, :S]
             logits = self.stages.forward(tok[:, None], pos, mask, ctx, prefill=False)
             ctx.sequence_len_offset += 1
         return tokens, logprobs, lengths, reason
