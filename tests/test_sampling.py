@@ -179,3 +179,24 @@ def test_tp2_matches_gathered_and_tp1(multirank):
         t1, _ = _draw(_small_logits(), params, seed=11)
         same = (torch.tensor(tokens) == t1).double().mean()
         assert same > 0.999, (params, same)  # identical draws up to float rounding at CDF boundaries
+
+
+def test_block_search_finds_the_full_cumsum_index():
+    """The sampler finds its token from 128-token block sums then one block's cumsum: same index as a search
+    over the whole vocabulary's cumulative mass (odd widths, -inf tokens, peaked and flat rows)."""
+    from megatron_papo.rollout import sampling as S
+
+    g = torch.Generator().manual_seed(3)
+    for width in (7, 128, 300, 4099):
+        for scale in (0.5, 3.0, 20.0):
+            x = torch.randn(16, width, generator=g) * scale
+            x[:, torch.randint(0, width, (width // 5,), generator=g)] = float("-inf")
+            _, m_safe = S._local_max(x)
+            e = S._shifted_exp(x, m_safe)
+            blocks = S._blocks(e)
+            cum = blocks.sum(-1).double().cumsum(-1)
+            t = torch.rand(16, dtype=torch.float64, generator=g) * cum[:, -1]
+            got = S._search(blocks, cum, t)
+            want = torch.searchsorted(e.double().cumsum(-1), t[:, None].contiguous(), right=True).squeeze(-1)
+            assert torch.equal(got, want), (width, scale)
+            assert torch.isfinite(x.gather(-1, got[:, None])).all()

@@ -134,16 +134,47 @@ def _local_max(x: torch.Tensor):
 
 
 def _shifted_exp(x: torch.Tensor, m_safe: torch.Tensor) -> torch.Tensor:
-    """``exp(x - max)`` ``[N, Vs]`` in float32, the logits' own precision (values in [0, 1]); callers sum or
-    cumsum it in float64, so no token's mass is lost to accumulation over a large vocabulary. Half the cost
-    of a float64 exp over ``[N, Vs]``, which dominated sampling at decode."""
+    """``exp(x - max)`` ``[N, Vs]`` in float32, the logits' own precision (values in [0, 1]). Callers sum it
+    in float32 within blocks of 128 and in float64 across blocks (``_mass``, ``_search``), so no token's mass is
+    lost to accumulation over a large vocabulary; float64 over all of ``[N, Vs]`` dominated sampling at decode."""
     return torch.exp(x - m_safe.to(x.dtype)[:, None])
+
+
+_BLOCK = 128
+
+
+def _mass(e: torch.Tensor) -> torch.Tensor:
+    """Row sums ``[N]`` float64 of ``e`` ``[N, Vs]``: float32 within blocks, float64 across (as the sampler)."""
+    return _blocks(e).sum(-1).sum(-1, dtype=torch.float64)
+
+
+def _blocks(e: torch.Tensor) -> torch.Tensor:
+    """``[N, Vs]`` -> ``[N, nb, B]`` (zero mass padded at the end when B does not divide Vs)."""
+    n, width = e.shape
+    if width % _BLOCK:
+        e = torch.nn.functional.pad(e, (0, _BLOCK - width % _BLOCK))
+    return e.view(n, -1, _BLOCK)
+
+
+def _search(blocks: torch.Tensor, cum: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """First local index whose cumulative mass exceeds t ``[N]`` (float64), as a full-vocabulary cumsum would
+    find it, but scanning one block per row: find the block from the block sums, then cumsum inside it."""
+    rows = torch.arange(blocks.shape[0])
+    j = torch.searchsorted(cum, t[:, None].contiguous(), right=True).squeeze(-1).clamp_(max=cum.shape[1] - 1)
+    inner = blocks[rows, j]  # [N, B]
+    start = torch.where(j > 0, cum[rows, (j - 1).clamp(min=0)], torch.zeros_like(t))  # mass before block j
+    inner_cdf = start[:, None] + inner.double().cumsum(-1)  # [N, B]
+    k = torch.searchsorted(inner_cdf, t[:, None].contiguous(), right=True).squeeze(-1)
+    # t in the rounding gap between the block sum and the in-block cumsum: the block's last token with mass
+    last = torch.where(inner > 0, torch.arange(inner.shape[1]), torch.zeros_like(k)[:, None]).amax(-1)
+    k = torch.where(k >= inner.shape[1], last, k)
+    return j * blocks.shape[2] + k
 
 
 def _logsumexp(x: torch.Tensor, shard: _Shard) -> torch.Tensor:
     """Global log-sum-exp per row, float64 ``[N]``."""
     m, m_safe = _local_max(x)
-    s = _shifted_exp(x, m_safe).sum(-1, dtype=torch.float64)
+    s = _mass(_shifted_exp(x, m_safe))
     ms = shard.gather(torch.stack([m, s], -1))  # [tp, N, 2]
     gm = ms[..., 0].amax(0)
     return gm + torch.log((ms[..., 1] * torch.exp(ms[..., 0] - gm)).sum(0))
@@ -246,7 +277,7 @@ def _processed(logits, params, vocab_size, shard):
 def _greedy(x: torch.Tensor, shard: _Shard):
     idx = x.argmax(dim=-1)  # first maximum on this shard
     m, m_safe = _local_max(x)
-    s = _shifted_exp(x, m_safe).sum(-1, dtype=torch.float64)
+    s = _mass(_shifted_exp(x, m_safe))
     g = shard.gather(torch.stack([m, s, (idx + shard.offset).double()], -1))  # [tp, N, 3]
     best = g[..., 0].argmax(0)  # first rank holding the global maximum = lowest token id among ties
     gm = g[..., 0].amax(0)
@@ -258,8 +289,12 @@ def _greedy(x: torch.Tensor, shard: _Shard):
 def _inverse_cdf(x: torch.Tensor, u: torch.Tensor, shard: _Shard):
     """Draw token = first global id whose cumulative probability exceeds u, in global vocabulary order."""
     m, m_safe = _local_max(x)
-    cdf = torch.cumsum(_shifted_exp(x, m_safe), -1, dtype=torch.float64)  # [N, Vs] local, unnormalised
-    g = shard.gather(torch.stack([m, cdf[:, -1]], -1))  # [tp, N, 2]
+    e = _shifted_exp(x, m_safe)  # [N, Vs] local, unnormalised
+    blocks = _blocks(e)  # [N, nb, B]
+    # [N, nb] mass up to the end of each block: float32 sums of B values in [0, 1] (relative error ~1e-7, the
+    # logits' own precision), float64 across blocks; casting all of e to float64 cost more than the rest
+    cum = blocks.sum(-1).double().cumsum(-1)
+    g = shard.gather(torch.stack([m, cum[:, -1]], -1))  # [tp, N, 2]
     gm = g[..., 0].amax(0)
     mass = g[..., 1] * torch.exp(g[..., 0] - gm)  # [tp, N] shard masses, same scale on every rank
     total = mass.sum(0)
@@ -269,8 +304,8 @@ def _inverse_cdf(x: torch.Tensor, u: torch.Tensor, shard: _Shard):
     mine = owner == shard.rank
     local_t = (target - before[shard.rank]) * torch.exp(gm - m_safe)  # into this shard's unnormalised scale
     local_t = torch.where(mine, local_t, torch.zeros_like(local_t))
-    local_t = torch.minimum(local_t, torch.nextafter(cdf[:, -1], torch.zeros_like(local_t)))
-    idx = torch.searchsorted(cdf, local_t[:, None].contiguous(), right=True).squeeze(-1).clamp_(max=x.shape[-1] - 1)
+    local_t = torch.minimum(local_t, torch.nextafter(cum[:, -1], torch.zeros_like(local_t)))
+    idx = _search(blocks, cum, local_t).clamp_(max=x.shape[-1] - 1)
     val = x.gather(-1, idx[:, None]).squeeze(-1).double()
     picked = torch.stack([(idx + shard.offset).double(), val], -1)
     picked = torch.where(mine[:, None], picked, torch.zeros_like(picked))
