@@ -9,21 +9,26 @@ from megatron_papo.config import Config, to_dict
 
 
 def default_config_tree() -> dict:
-    """The embedded demo: a tiny VLM learns synthetic counting/colour tasks with PAPO-G on CPU in minutes.
+    """The embedded demo: a tiny VLM (2 layers, hidden 64) answers synthetic counting / colour questions about
+    56-px images with PAPO-G on CPU; about a minute of compute on 2 idle cores.
 
     A short supervised warm-start on the tasks' worked answers comes first (the run says so): a random tiny model
-    never produces ``\\boxed{}`` by chance, and RL needs reward variance within groups to learn from.
+    never produces ``<think>...</think> \\boxed{}`` by chance, and RL needs reward variance within groups. It is
+    kept short on purpose (the answer format half learned, so the start reward is low); RL then raises the reward,
+    mostly by making the format reliable (an answer only counts inside a well-formed response). Measured on 2 cores:
+    mean reward about 0.1 -> 0.2 over the 50 RL steps (seeds 1, 2 and 1234).
     """
     return {
         "model": {"preset": "tiny"},
         "data": {"train_shards": "runs/demo/data/train", "synthetic_if_missing": True, "synthetic_samples": 2000,
                  "tokenizer": {"type": "sentencepiece", "path": None}, "max_prompt_length": 256,
                  "shuffle_buffer": 200, "min_pixels": 56 * 56, "max_pixels": 84 * 84},
-        "rollout": {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16},
+        "rollout": {"n": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16},
         "algorithm": {"preset": "papo_g"},
-        "optimizer": {"lr": 2e-3, "weight_decay": 0.01, "clip_grad": 1.0, "warmup_steps": 0},
-        "training": {"rl_steps": 30, "prompts_per_step": 8, "prompts_per_update": 8, "micro_batch_size": 16,
-                     "warmup_sft_steps": 8, "seed": 1234},
+        # 1e-3 keeps RL stable here (2e-3 drifts away from the reference and forgets the image within 20 steps)
+        "optimizer": {"lr": 1e-3, "weight_decay": 0.01, "clip_grad": 1.0, "warmup_steps": 0},
+        "training": {"rl_steps": 50, "prompts_per_step": 16, "prompts_per_update": 16, "micro_batch_size": 32,
+                     "warmup_sft_steps": 90, "seed": 1234},
         "checkpoint": {"dir": "runs/demo/checkpoints", "save_interval": 0, "keep_last": 2, "resume": None},
         "logging": {"tensorboard_dir": "runs/demo/tensorboard", "log_interval": 1, "progress": True},
     }
