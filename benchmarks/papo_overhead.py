@@ -3,11 +3,13 @@
 Both runs start from the same weights (same seed) and read the same prompts; their steps are interleaved
 (GRPO step k, PAPO-G step k, GRPO step k+1, ...) so a load change on the machine hits both alike, and the first
 ``--warmup`` steps of each are not timed. PAPO-G's extra work per step: masking the images and the masked rows'
-scoring forward (batched with the old-log-prob forward). Per phase the table shows the median seconds per step;
-the last line is ``ratio=<median PAPO-G step time / median GRPO step time>``.
+scoring forward (batched with the old-log-prob forward). Per phase the table shows the median wall seconds per
+step; a step's time is also taken as process CPU time (with ``--threads 1`` the two agree on an idle machine, and
+CPU time is barely disturbed by other jobs on a shared one). The last line is
+``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>``.
 
-  python benchmarks/papo_overhead.py [--steps 8] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
-      [--set key=value ...]
+  python benchmarks/papo_overhead.py [--steps 12] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
+      [--threads 1] [--set key=value ...]
 
 The defaults are the embedded demo's model and data (a tiny VLM on CPU). On a GPU node pass a bigger preset with
 ``--set model.preset=qwen2.5-vl-3b --set model.load=...``.
@@ -22,12 +24,13 @@ import sys
 import tempfile
 import time
 
-PHASES = ("time/rollout", "time/scoring", "time/update", "time/step")
+PHASES = ("time/rollout", "time/scoring", "time/update", "time/step", "cpu/step")
 
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=8, help="timed RL steps per algorithm")
+    p.add_argument("--steps", type=int, default=12, help="timed RL steps per algorithm")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps per algorithm first")
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     p.add_argument("--n", type=int, default=8, help="rollouts per prompt")
@@ -55,7 +58,11 @@ def main() -> int:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
+    import torch
+
     from megatron_papo.training.rl_step import rl_step
+
+    torch.set_num_threads(args.threads)
     from megatron_papo.training.trainer import build_run
 
     with tempfile.TemporaryDirectory(prefix="papo_overhead_") as workdir:
@@ -67,12 +74,12 @@ def main() -> int:
         tokens = {name: 0.0 for name in runs}
         for step in range(1, args.warmup + args.steps + 1):
             for name, (run, it) in runs.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 m = rl_step(run.ctx, it, step)
-                wall = time.perf_counter() - t0
+                m["time/step"], m["cpu/step"] = time.perf_counter() - t0, time.process_time() - c0
                 if step > args.warmup:
                     for k in PHASES:
-                        times[name][k].append(wall if k == "time/step" else m.get(k, 0.0))
+                        times[name][k].append(m.get(k, 0.0))
                     tokens[name] += m["rollout/response_length"]
             print(f"step {step}: " + "  ".join(f"{n} {times[n]['time/step'][-1]:.3f}s" if step > args.warmup
                                               else f"{n} (warm-up)" for n in runs), file=sys.stderr, flush=True)
@@ -80,10 +87,11 @@ def main() -> int:
     print(f"{'phase (median s/step)':<24}{'grpo':>10}{'papo_g':>10}{'ratio':>8}")
     for k in PHASES:
         g, p = med["grpo"][k], med["papo_g"][k]
-        print(f"{k.split('/')[1]:<24}{g:>10.4f}{p:>10.4f}{(p / g if g else float('nan')):>8.3f}")
+        print(f"{k.replace('time/', ''):<24}{g:>10.4f}{p:>10.4f}{(p / g if g else float('nan')):>8.3f}")
     for n in runs:
         print(f"mean response length {n}: {tokens[n] / args.steps:.2f} tokens")
-    print(f"ratio={med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
+    print(f"wall-time ratio (median step): {med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
+    print(f"ratio={med['papo_g']['cpu/step'] / med['grpo']['cpu/step']:.4f}")
     return 0
 
 

@@ -94,6 +94,9 @@ class RolloutConfig:
     max_new_tokens: int = 2048
     # extra strings that end a response (the tokenizer's EOS always does)
     stop: list = field(default_factory=list)
+    # recompute the old log-probs with a training forward instead of taking the rollout engine's (with top_p < 1
+    # or top_k > 0 they are always recomputed: the sampling distribution is then not the policy's)
+    recompute_old_logprobs: bool = False
 
 
 @dataclass

@@ -70,8 +70,9 @@ def _rl_steps(run, steps: int = STEPS) -> list[dict]:
 
 
 def _layout_run(root: str, init: str, tp: int, pp: int) -> dict:
+    # old log-probs recomputed: the batched real + masked scoring forward runs through the layout too
     run = _build(root, init, f"parallel.tensor_model_parallel_size={tp}",
-                 f"parallel.pipeline_model_parallel_size={pp}")
+                 f"parallel.pipeline_model_parallel_size={pp}", "rollout.recompute_old_logprobs=true")
     before = _params(run)
     metrics = _rl_steps(run)
     after = _params(run)
@@ -84,6 +85,7 @@ def _single_rank_body(rank, world, root, init):
     from megatron_papo.training.rl_step import rl_step
 
     out = {"tp1": _layout_run(root, init, 1, 1)}
+    out["rollout_logprobs"] = _rl_steps(_build(root, init), 1)[0]     # old log-probs taken from the rollout
 
     runs = {}
     for name, sets in (("papo_g0", ("algorithm.preset=papo_g", "algorithm.gamma=0")),
@@ -139,6 +141,13 @@ def test_tp2_and_pp2_match_tp1_and_change_weights(results):
             if last_stage:                                   # loss metrics live on the last pipeline stage
                 for step, (a, b) in enumerate(zip(ref["metrics"], res["metrics"])):
                     _close(a, b, f"{layout} rank {rank} step {step + 1}")
+
+
+def test_rollout_logprobs_are_the_recomputed_old_logprobs(results):
+    """The engine's sampling log-probs (KV-cache decode, banned vision tokens) equal a training forward's."""
+    single, _ = results
+    _close(single["tp1"]["metrics"][0], single["rollout_logprobs"], "rollout vs recomputed old log-probs")
+    assert single["rollout_logprobs"]["actor/pg_clipfrac"] == 0.0
 
 
 def test_papo_g_with_gamma_zero_is_grpo(results):

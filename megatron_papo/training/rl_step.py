@@ -1,8 +1,9 @@
 """One PAPO RL step, top to bottom (shared/PAPO.md):
 
     prompts -> masked images (seeded) -> n rollouts with the real image -> rewards -> group advantages
-    (DAPO: dynamic sampling with refill) -> no-grad scoring (old log-probs and masked-image log-probs of the
-    policy in ONE batched forward; reference log-probs in one forward of the reference) -> PPO updates over
+    (DAPO: dynamic sampling with refill) -> no-grad scoring (old log-probs: the rollout's under plain sampling,
+    else recomputed in ONE batched policy forward together with the masked-image log-probs; reference log-probs
+    in one forward of the reference) -> PPO updates over
     mini-batches through megatron's schedule (global token-mean loss), one optimizer step per mini-batch.
 
 Legend: P prompts on this DP rank, n rollouts per prompt, N = P * n rows (prompt-major), T response tokens.
@@ -102,7 +103,8 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
         text = ctx.tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
         scores.append(get_reward(s.get("reward"))(text, s["answer"]))
     rows = Rows([prompts[i // n].input_ids for i in range(len(out))], out.response_ids, out.response_mask.bool(),
-                [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))])
+                [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],
+                out.logprobs.float() if rollout_logprobs_usable(cfg) else None)
     val = lambda k: torch.tensor([sc[k] for sc in scores], dtype=torch.float32)  # noqa: E731
     return Rollouts(samples, rows, [masked[i // n] for i in range(len(out))], val("overall"), val("accuracy"),
                     val("format"), out.lengths)
@@ -161,6 +163,12 @@ def _agree_min(value: int) -> int:
     return int(t.item())
 
 
+def rollout_logprobs_usable(cfg: Config) -> bool:
+    """The rollout's log-probs are the old policy's (same temperature, nothing truncated): no forward needed."""
+    r = cfg.rollout
+    return not r.recompute_old_logprobs and r.top_p >= 1.0 and r.top_k == 0
+
+
 def needs_masked(cfg: Config) -> bool:
     a = cfg.algorithm
     return a.gamma > 0 or a.eta2 > 0
@@ -181,23 +189,32 @@ def masked_in_update(cfg: Config) -> bool:
 
 
 def score(ctx: RLContext, rows: Rows, masked_images: Optional[list]) -> dict:
-    """No-grad per-token log-probs [N, T]: ``old_logp``, ``mask_logp`` (one batched policy forward over the real
-    and masked rows together) and ``ref_logp`` (one reference forward). Filled on the last pipeline stage only."""
+    """No-grad per-token log-probs [N, T]: ``old_logp`` (the rollout's when usable, else recomputed), ``mask_logp``
+    (one batched policy forward over the masked rows, and the real ones when old_logp must be recomputed) and
+    ``ref_logp`` (one reference forward). Computed ones are filled on the last pipeline stage only."""
     cfg, n = ctx.cfg, len(rows)
     temp = cfg.rollout.temperature
-    both = rows.concat(rows.with_images(masked_images)) if masked_images is not None else rows
-    s = seq_len(both)
+    known = rows.logprobs is not None                           # old log-probs from the rollout
+    masked = rows.with_images(masked_images) if masked_images is not None else None
+    both = masked if known else (rows.concat(masked) if masked is not None else rows)
+    s = seq_len(rows)
     mbs = cfg.training.micro_batch_size * 2                     # no activations kept: bigger micro-batches
     keep = lambda logits, mb: (torch.zeros(()), {"logp": response_stats(logits, mb, temp)[0]})  # noqa: E731
-    out = {}
-    logp = _cat(run_schedule(ctx.policy, pack(both, mbs, ctx.tokenizer.pad_id, s, image_token_id=ctx.tokenizer.image_token_id), keep, forward_only=True), "logp")
+    out = {"old_logp": rows.logprobs} if known else {}
+    logp = None
+    if both is not None:
+        logp = _cat(run_schedule(ctx.policy, pack(both, mbs, ctx.tokenizer.pad_id, s,
+                                                  image_token_id=ctx.tokenizer.image_token_id),
+                                 keep, forward_only=True), "logp")
     if logp is not None:
-        out["old_logp"] = logp[:n]
+        if not known:
+            out["old_logp"], logp = logp[:n], logp[n:]
         if masked_images is not None:
-            out["mask_logp"] = logp[n: 2 * n]
+            out["mask_logp"] = logp[:n]
     if ctx.reference is not None:
-        ref = _cat(run_schedule(ctx.reference, pack(rows, mbs, ctx.tokenizer.pad_id, s, image_token_id=ctx.tokenizer.image_token_id), keep, forward_only=True),
-                   "logp")
+        ref = _cat(run_schedule(ctx.reference, pack(rows, mbs, ctx.tokenizer.pad_id, s,
+                                                    image_token_id=ctx.tokenizer.image_token_id),
+                                keep, forward_only=True), "logp")
         if ref is not None:
             out["ref_logp"] = ref[:n]
     return out

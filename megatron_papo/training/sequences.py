@@ -39,6 +39,8 @@ class Rows:
     response_ids: torch.Tensor  # [N, T]
     response_mask: torch.Tensor  # [N, T] bool
     images: list                # N (pixel_values [P_i, 1176] | None, image_grid_thw [k_i, 3] | None)
+    # [N, T] float32 log-probs of the response tokens under the policy that sampled them (the rollout's), if known
+    logprobs: Optional[torch.Tensor] = None
 
     def __len__(self):
         return len(self.prompt_ids)
@@ -46,7 +48,7 @@ class Rows:
     def select(self, index) -> "Rows":
         idx = index.tolist() if torch.is_tensor(index) else list(index)
         return Rows([self.prompt_ids[i] for i in idx], self.response_ids[idx], self.response_mask[idx],
-                    [self.images[i] for i in idx])
+                    [self.images[i] for i in idx], None if self.logprobs is None else self.logprobs[idx])
 
     def with_images(self, images: list) -> "Rows":
         return replace(self, images=images)
@@ -54,10 +56,12 @@ class Rows:
     def concat(self, other: "Rows") -> "Rows":
         t = max(self.response_ids.shape[1], other.response_ids.shape[1])
         pad = lambda x, v: torch.nn.functional.pad(x, (0, t - x.shape[1]), value=v)  # noqa: E731
+        both = self.logprobs is not None and other.logprobs is not None
         return Rows(self.prompt_ids + other.prompt_ids,
                     torch.cat([pad(self.response_ids, 0), pad(other.response_ids, 0)]),
                     torch.cat([pad(self.response_mask, False), pad(other.response_mask, False)]),
-                    self.images + other.images)
+                    self.images + other.images,
+                    torch.cat([pad(self.logprobs, 0.0), pad(other.logprobs, 0.0)]) if both else None)
 
 
 def seq_len(rows: Rows) -> int:
