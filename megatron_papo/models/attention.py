@@ -12,7 +12,9 @@ un-rotated keys and returns ``k_pos_emb[:sequence_end]``, so every decode step r
 rotary table and re-rotates ALL cached keys, in every layer: O(cached length) work per token. When the
 inference context opts in (``keys_hold_rope = True``, see ``megatron_papo.rollout``), this module rotates only
 the new keys before storing them, and the model is given the position ids of the new tokens only (the rotary
-table then covers just them). Without the opt-in (training, other callers) it is megatron's module unchanged.
+table then covers just them). A context that also ``shares_prefix`` (``megatron_papo.rollout.kv_cache``) keeps
+each prompt's keys once for its n samples and hands ``SDPAttention`` a ``SharedPrefixKV`` at decode. Without
+the opt-in (training, other callers) it is megatron's module unchanged.
 
 Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim.
 """
@@ -100,25 +102,43 @@ class SDPAttention(MegatronModule):
         m_own = s_own.amax(-1, keepdim=True)
         e_own = torch.exp(s_own - m_own)
         sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, rep, 1|hn]
-        # each prompt's keys, read once for all its rows: [ng, c*rep, L] per prompt
-        m_pre, sum_pre, o_pre = [], [], []
-        start = 0
-        for p, c in enumerate(kv.row_counts):
-            if c == 0:
-                continue
-            qp = q[start:start + c].transpose(0, 1).reshape(ng, c * rep, hn)
-            sp = (qp @ kv.prefix_key[p].transpose(-1, -2)).masked_fill(~kv.prefix_keep[p], float("-inf"))
-            mp = sp.amax(-1, keepdim=True)
-            ep = torch.exp(sp - mp)
-            back = lambda t: t.reshape(ng, c, rep, -1).transpose(0, 1)  # noqa: E731 - [c, ng, rep, *]
-            m_pre.append(back(mp)), sum_pre.append(back(ep.sum(-1, keepdim=True)))
-            o_pre.append(back(ep @ kv.prefix_value[p]))
-            start += c
-        m_pre, sum_pre, o_pre = torch.cat(m_pre), torch.cat(sum_pre), torch.cat(o_pre)
+        m_pre, sum_pre, o_pre = self._prefix_part(q, kv)  # [b, ng, rep, 1|1|hn]
         m = torch.maximum(m_own, m_pre)
         a_own, a_pre = torch.exp(m_own - m), torch.exp(m_pre - m)
         out = (o_own * a_own + o_pre * a_pre) / (sum_own * a_own + sum_pre * a_pre)  # [b, ng, rep, hn]
         return out.reshape(1, b, self.num_heads * hn)
+
+    @staticmethod
+    def _prefix_part(q: torch.Tensor, kv: "SharedPrefixKV"):
+        """Each prompt's keys read once for all its rows: softmax max, sum and weighted values [b, ng, rep, *].
+
+        Equal rows per prompt (no row finished yet): one batched product over the prompts; otherwise one
+        product per prompt.
+        """
+        _, ng, rep, hn = q.shape
+        counts = kv.row_counts
+        if len(set(counts)) == 1:
+            groups = [(slice(None), counts[0], len(counts))]  # (prompts, rows each, number of prompts)
+        else:
+            groups = [(slice(p, p + 1), c, 1) for p, c in enumerate(counts) if c > 0]
+        m_pre, sum_pre, o_pre, start = [], [], [], 0
+        for prompts, c, num_p in groups:
+            qp = q[start:start + c * num_p].reshape(num_p, c, ng, rep, hn).transpose(1, 2)
+            qp = qp.reshape(num_p, ng, c * rep, hn)
+            keep = kv.prefix_keep[prompts][:, None, None, :]  # [p, 1, 1, L]
+            sp = (qp @ kv.prefix_key[prompts].transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+            mp = sp.amax(-1, keepdim=True)  # [p, ng, c*rep, 1]
+            ep = torch.exp(sp - mp)
+            m_pre.append(_rows_first(mp, c)), sum_pre.append(_rows_first(ep.sum(-1, keepdim=True), c))
+            o_pre.append(_rows_first(ep @ kv.prefix_value[prompts], c))
+            start += c * num_p
+        return torch.cat(m_pre), torch.cat(sum_pre), torch.cat(o_pre)
+
+
+def _rows_first(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``[p, ng, rows*rep, x]`` -> ``[p*rows, ng, rep, x]``: back to one entry per row, prompt-major."""
+    num_p, ng, width, x = t.shape
+    return t.reshape(num_p, ng, rows, width // rows, x).transpose(1, 2).reshape(num_p * rows, ng, -1, x)
 
 
 @dataclass

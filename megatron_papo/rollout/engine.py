@@ -3,7 +3,9 @@
 How a call runs:
 1. prefill: the distinct prompts, left-padded to one length, go through the model once (in chunks of
    ``prefill_batch_size``), images on the first stage only; the last position's logits give every sample's
-   first token, then each prompt's KV cache rows are copied to its n samples;
+   first token; each prompt's KV cache stays one copy shared by its n samples (``rollout.kv_cache``: keys
+   stored rotated, the samples' attention reads the prompt part once per prompt), or, on a spec whose
+   attention cannot share (not the local spec's), is copied to the n sample rows of megatron's static cache;
 2. decode: one token per active row per step; M-RoPE positions continue from each prompt's largest position
    (Qwen2.5-VL's rope delta); tokens are sampled on the last stage from vocab-parallel logits and broadcast to
    every stage;
