@@ -8,7 +8,10 @@ its KV cache to the n rows. ``--n 1 --prompts 32`` measures plain batched decodi
 
 Model: a Qwen2.5-VL with a ~60M-parameter language model (hidden 512, 8 layers, vocab 32000; ~250 MB fp32),
 random weights, saved by transformers and loaded into the megatron model with megatron_papo.convert.
-Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>``.
+Both sides run with the same ``torch.set_num_threads(--threads)`` (default 1: on a shared 2-core machine a
+2-thread parallel region waits for whichever thread was preempted, which swamps the small decode matmuls of
+either side). The timed runs alternate HF, engine, HF, ... and each side reports the median of ``--repeats``.
+Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` (of the medians).
 """
 
 from __future__ import annotations
