@@ -15,8 +15,9 @@ def default_config_tree() -> dict:
     A short supervised warm-start on the tasks' worked answers comes first (the run says so): a random tiny model
     never produces ``<think>...</think> \\boxed{}`` by chance, and RL needs reward variance within groups. It is
     kept short on purpose (the answer format half learned, so the start reward is low); RL then raises the reward,
-    mostly by making the format reliable (an answer only counts inside a well-formed response). Measured on 2 cores:
-    mean reward about 0.1 -> 0.2 over the 50 RL steps (seeds 1, 2 and 1234).
+    mostly by making the format reliable (an answer only counts inside a well-formed response). Measured on the
+    2-core CPU machine, summary line: seed 1234 0.090 -> 0.235 (3m22s wall on a busy machine), seed 2
+    0.079 -> 0.192 (1m13s), seed 1 0.070 -> 0.159 (41s).
     """
     return {
         "model": {"preset": "tiny"},
