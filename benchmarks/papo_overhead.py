@@ -6,7 +6,11 @@ Both runs start from the same weights (same seed) and read the same prompts; the
 scoring forward (batched with the old-log-prob forward). Per phase the table shows the median wall seconds per
 step; a step's time is also taken as process CPU time (with ``--threads 1`` the two agree on an idle machine, and
 CPU time is barely disturbed by other jobs on a shared one). The last line is
-``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>``.
+``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>``; the line before it gives the machine's
+load average (1 minute) at the start and end of the timed steps, for judging how shared the machine was.
+
+The scoring pass takes the run's ``training.prefix_scoring`` (default on: each distinct prompt once, at PP=1);
+``--set training.prefix_scoring=false`` measures the plain path (every row through megatron's schedule).
 
   python benchmarks/papo_overhead.py [--steps 12] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
       [--threads 1] [--set key=value ...]
@@ -71,6 +75,7 @@ def main() -> int:
             run = build_run(_config(args, preset, workdir))   # same seed: same initial weights and prompts
             runs[name] = (run, iter(run.reader))
         times = {name: {k: [] for k in PHASES} for name in runs}
+        load = [os.getloadavg()[0]]
         tokens = {name: 0.0 for name in runs}
         for step in range(1, args.warmup + args.steps + 1):
             for name, (run, it) in runs.items():
@@ -83,6 +88,7 @@ def main() -> int:
                     tokens[name] += m["rollout/response_length"]
             print(f"step {step}: " + "  ".join(f"{n} {times[n]['time/step'][-1]:.3f}s" if step > args.warmup
                                               else f"{n} (warm-up)" for n in runs), file=sys.stderr, flush=True)
+        load.append(os.getloadavg()[0])
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
     print(f"{'phase (median s/step)':<24}{'grpo':>10}{'papo_g':>10}{'ratio':>8}")
     for k in PHASES:
@@ -91,6 +97,7 @@ def main() -> int:
     for n in runs:
         print(f"mean response length {n}: {tokens[n] / args.steps:.2f} tokens")
     print(f"wall-time ratio (median step): {med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
+    print(f"load average (1 min): {load[0]:.2f} at start, {load[1]:.2f} at end")
     print(f"ratio={med['papo_g']['cpu/step'] / med['grpo']['cpu/step']:.4f}")
     return 0
 

@@ -185,6 +185,8 @@ class TrainingConfig:
     warmup_sft_lr: float = 0.0
     # run seed: model init, data order, masks, sampling
     seed: int = 1234
+    # scoring pass runs each distinct prompt once and the rows' responses against it (PP=1, local spec; else plain)
+    prefix_scoring: bool = True
 
 
 @dataclass

@@ -90,27 +90,38 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, np*hn]
 
     def _shared_prefix_decode(self, query: torch.Tensor, kv: "SharedPrefixKV") -> torch.Tensor:
-        """One query per row against its prompt's shared keys and its own response keys: [1, b, np*hn].
+        """sq queries per row against its prompt's shared keys and its own keys: [sq, b, np*hn].
 
-        Softmax over the two parts is merged exactly (each part's max and sum, rescaled to the common max).
+        sq = 1 when decoding; sq = the whole response when scoring (``megatron_papo.training.scoring``): query j
+        is the row's own position t - sq + j and sees its own keys up to there (causal, bottom-right aligned),
+        and the whole prompt. Softmax over the two parts is merged exactly (each part's max and sum, rescaled to
+        the common max).
         """
-        b, ng, hn = query.shape[1], self.num_groups, self.head_dim
+        sq, b, ng, hn = query.shape[0], query.shape[1], self.num_groups, self.head_dim
         rep = self.num_heads // ng
-        q = query[0].reshape(b, ng, rep, hn) * self.softmax_scale  # [b, ng, rep, hn]
-        # the rows' own keys: [b, ng, rep, t]
-        s_own = q @ kv.own_key.transpose(-1, -2)
+        # a group's query heads and the row's sq positions together form that group's queries
+        q = query.reshape(sq, b, ng, rep, hn).permute(1, 2, 0, 3, 4).reshape(b, ng, sq * rep, hn)
+        q = q * self.softmax_scale  # [b, ng, sq*rep, hn]
+        s_own = q @ kv.own_key.transpose(-1, -2)  # the rows' own keys: [b, ng, sq*rep, t]
+        if sq > 1:
+            t = s_own.shape[-1]
+            causal = torch.ones(sq, t, dtype=torch.bool, device=q.device).tril(diagonal=t - sq)  # [sq, t]
+            causal = causal.repeat_interleave(rep, dim=0)  # [sq*rep, t], query-major like q
+            s_own = s_own.masked_fill(~causal, float("-inf"))
         m_own = s_own.amax(-1, keepdim=True)
         e_own = torch.exp(s_own - m_own)
-        sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, rep, 1|hn]
-        m_pre, sum_pre, o_pre = self._prefix_part(q, kv)  # [b, ng, rep, 1|1|hn]
+        sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, sq*rep, 1|hn]
+        m_pre, sum_pre, o_pre = self._prefix_part(q, kv)  # [b, ng, sq*rep, 1|1|hn]
         m = torch.maximum(m_own, m_pre)
         a_own, a_pre = torch.exp(m_own - m), torch.exp(m_pre - m)
-        out = (o_own * a_own + o_pre * a_pre) / (sum_own * a_own + sum_pre * a_pre)  # [b, ng, rep, hn]
-        return out.reshape(1, b, self.num_heads * hn)
+        out = (o_own * a_own + o_pre * a_pre) / (sum_own * a_own + sum_pre * a_pre)  # [b, ng, sq*rep, hn]
+        out = out.reshape(b, ng, sq, rep, hn).permute(2, 0, 1, 3, 4)  # [sq, b, ng, rep, hn]
+        return out.reshape(sq, b, self.num_heads * hn)
 
     @staticmethod
     def _prefix_part(q: torch.Tensor, kv: "SharedPrefixKV"):
-        """Each prompt's keys read once for all its rows: softmax max, sum and weighted values [b, ng, rep, *].
+        """Each prompt's keys read once for all its rows: softmax max, sum and weighted values [b, ng, w, *]
+        (w = a row's queries per group: rep heads x its positions).
 
         Equal rows per prompt (no row finished yet): one batched product over the prompts; otherwise one
         product per prompt.
@@ -143,11 +154,11 @@ def _rows_first(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 @dataclass
 class SharedPrefixKV:
-    """A decode step's KV cache with each prompt's keys stored once for all its sample rows.
+    """A decode (or scoring) step's KV cache with each prompt's keys stored once for all its sample rows.
 
     prefix_key / prefix_value ``[P, ng, L, hn]`` (keys rotated), prefix_keep ``[P, L]`` bool (False on left
     padding), row_counts: rows per prompt (rows are prompt-major), own_key / own_value ``[b, ng, t, hn]``: each
-    row's response so far, the current token included. Built by ``megatron_papo.rollout.kv_cache``.
+    row's response so far, the current token(s) included. Built by ``megatron_papo.rollout.kv_cache``.
     """
 
     prefix_key: torch.Tensor

@@ -10,6 +10,9 @@ changes, both used through ``megatron_papo.models.attention.RopeCachingSelfAtten
   prompt part once per prompt for all its rows (``SharedPrefixKV``): decoding is memory-bound on CPU, and the
   prompt's keys were n times the traffic (and memory) they need to be.
 
+The trainer's scoring pass (``megatron_papo.training.scoring``) uses the same context: one prefill of each
+distinct prompt, then all response tokens of all rows in one forward (``decode_kv`` with sq = T).
+
 Legend: P prompts, N sample rows (b active), L padded prompt length, T most new tokens, ng query groups on this
 rank, hn head dim.
 """
@@ -38,14 +41,15 @@ class SharedPrefixContext(StaticInferenceContext):
     def shares_prefix(self) -> bool:
         return self.prefix is not None
 
-    def share_prefix(self, prompt_len: int, n: int, keep: torch.Tensor, max_new: int) -> None:
-        """After the prefill: keep each prompt's cache once ([P, ng, L, hn]) and make room for n rows each."""
+    def share_prefix(self, prompt_len: int, n, keep: torch.Tensor, max_new: int) -> None:
+        """After the prefill: keep each prompt's cache once ([P, ng, L, hn]) and make room for n rows each
+        (``n`` an int, or a list of rows per prompt)."""
         self.prefix, self.prefix_len, self.prefix_keep = {}, prompt_len, keep
         num_p = keep.shape[0]
-        self.row_counts = [n] * num_p
+        self.row_counts = [n] * num_p if isinstance(n, int) else [int(c) for c in n]
         for layer, (k, v) in list(self.key_value_memory_dict.items()):  # [L + T, P, ng, hn]
             self.prefix[layer] = tuple(t[:prompt_len].permute(1, 2, 0, 3).contiguous() for t in (k, v))
-            shape = (num_p * n, k.shape[2], max_new, k.shape[3])
+            shape = (sum(self.row_counts), k.shape[2], max_new, k.shape[3])
             self.key_value_memory_dict[layer] = (k.new_empty(shape), v.new_empty(shape))  # [N, ng, T, hn]
 
     def keep_rows(self, keep: torch.Tensor, row_prompt: torch.Tensor) -> None:
@@ -55,10 +59,11 @@ class SharedPrefixContext(StaticInferenceContext):
             self.key_value_memory_dict[layer] = (k.index_select(0, keep), v.index_select(0, keep))
 
     def decode_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> SharedPrefixKV:
-        """Store a decode step's rotated key / value ([1, b, ng, hn]) and return the layer's whole cache."""
-        t = self.sequence_len_offset - self.prefix_len  # this token's index among the responses
+        """Store the new tokens' rotated keys / values ([sq, b, ng, hn]: sq = 1 per decode step, the whole
+        response when scoring) and return the layer's whole cache."""
+        t, sq = self.sequence_len_offset - self.prefix_len, key.shape[0]  # first new token's response index
         k, v = self.key_value_memory_dict[layer]  # [N, ng, T, hn]
-        k[:, :, t] = key[0]
-        v[:, :, t] = value[0]
+        k[:, :, t:t + sq] = key.permute(1, 2, 0, 3)
+        v[:, :, t:t + sq] = value.permute(1, 2, 0, 3)
         pk, pv = self.prefix[layer]
-        return SharedPrefixKV(pk, pv, self.prefix_keep, self.row_counts, k[:, :, :t + 1], v[:, :, :t + 1])
+        return SharedPrefixKV(pk, pv, self.prefix_keep, self.row_counts, k[:, :, :t + sq], v[:, :, :t + sq])

@@ -2,8 +2,9 @@
 
     prompts -> masked images (seeded) -> n rollouts with the real image -> rewards -> group advantages
     (DAPO: dynamic sampling with refill) -> no-grad scoring (old log-probs: the rollout's under plain sampling,
-    else recomputed in ONE batched policy forward together with the masked-image log-probs; reference log-probs
-    in one forward of the reference) -> PPO updates over
+    else recomputed in ONE batched policy pass together with the masked-image log-probs; reference log-probs
+    in one pass of the reference; at PP = 1 each distinct prompt is run once for its n rows, see
+    ``training.scoring``) -> PPO updates over
     mini-batches through megatron's schedule (global token-mean loss), one optimizer step per mini-batch.
 
 Legend: P prompts on this DP rank, n rollouts per prompt, N = P * n rows (prompt-major), T response tokens.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -28,6 +29,7 @@ from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
+from megatron_papo.training.scoring import select_logprobs_fn
 from megatron_papo.training.sequences import (Rows, pack, pair, paired_response_stats, response_stats, run_schedule,
                                               seq_len)
 
@@ -43,6 +45,12 @@ class RLContext:
     engine: object                    # RolloutBackend on the policy
     tokenizer: object
     processor: object                 # image processor (for the masked images' pixels)
+    # scoring-pass implementation (training.scoring); None: chosen from cfg when the context is built
+    logprobs_fn: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.logprobs_fn is None:
+            self.logprobs_fn = select_logprobs_fn(self.cfg)
 
     @property
     def dp_rank(self) -> int:
@@ -190,38 +198,28 @@ def masked_in_update(cfg: Config) -> bool:
 
 def score(ctx: RLContext, rows: Rows, masked_images: Optional[list]) -> dict:
     """No-grad per-token log-probs [N, T]: ``old_logp`` (the rollout's when usable, else recomputed), ``mask_logp``
-    (one batched policy forward over the masked rows, and the real ones when old_logp must be recomputed) and
-    ``ref_logp`` (one reference forward). Computed ones are filled on the last pipeline stage only."""
+    (one batched policy pass over the masked rows, and the real ones when old_logp must be recomputed) and
+    ``ref_logp`` (one reference pass), each through ``ctx.logprobs_fn`` (``training.scoring``: prefix-shared at
+    PP = 1, megatron's schedule otherwise). Computed ones are filled on the last pipeline stage only."""
     cfg, n = ctx.cfg, len(rows)
-    temp = cfg.rollout.temperature
     known = rows.logprobs is not None                           # old log-probs from the rollout
     masked = rows.with_images(masked_images) if masked_images is not None else None
     both = masked if known else (rows.concat(masked) if masked is not None else rows)
-    s = seq_len(rows)
     mbs = cfg.training.micro_batch_size * 2                     # no activations kept: bigger micro-batches
-    keep = lambda logits, mb: (torch.zeros(()), {"logp": response_stats(logits, mb, temp)[0]})  # noqa: E731
+    run = lambda model, r: ctx.logprobs_fn(model, r, mbs, ctx.tokenizer.pad_id,  # noqa: E731
+                                           ctx.tokenizer.image_token_id, cfg.rollout.temperature)
     out = {"old_logp": rows.logprobs} if known else {}
-    logp = None
-    if both is not None:
-        logp = _cat(run_schedule(ctx.policy, pack(both, mbs, ctx.tokenizer.pad_id, s,
-                                                  image_token_id=ctx.tokenizer.image_token_id),
-                                 keep, forward_only=True), "logp")
+    logp = run(ctx.policy, both) if both is not None else None
     if logp is not None:
         if not known:
             out["old_logp"], logp = logp[:n], logp[n:]
         if masked_images is not None:
             out["mask_logp"] = logp[:n]
     if ctx.reference is not None:
-        ref = _cat(run_schedule(ctx.reference, pack(rows, mbs, ctx.tokenizer.pad_id, s,
-                                                    image_token_id=ctx.tokenizer.image_token_id),
-                                keep, forward_only=True), "logp")
+        ref = run(ctx.reference, rows)
         if ref is not None:
-            out["ref_logp"] = ref[:n]
+            out["ref_logp"] = ref
     return out
-
-
-def _cat(outputs: list, key: str) -> Optional[torch.Tensor]:
-    return torch.cat([o[key].detach().cpu() for o in outputs]) if outputs else None
 
 
 def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_groups: int,
