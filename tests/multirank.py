@@ -94,8 +94,12 @@ def run_multirank(fn, world_size: int, args: tuple = (), tp: int | None = None, 
             raise AssertionError("a rank failed:\n" + "\n".join(errors))
         return [collected[r] for r in range(world_size)]
     finally:
+        # Results are in (or the test failed): give ranks a moment to exit cleanly, then stop them; rank 0 can
+        # otherwise sit for seconds in process-group teardown, which adds up over the suite.
+        deadline = time.monotonic() + 1.0
         for p in procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
