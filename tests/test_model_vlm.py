@@ -11,35 +11,7 @@ import os
 import pytest
 import torch
 
-IMG, VSTART, VEND, VIDEO = 250, 249, 248, 251
-
-
-def tiny_hf_config(tied: bool = False):
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-6, max_position_embeddings=512,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=IMG, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=VIDEO,
-        tie_word_embeddings=tied,
-    )
-
-
-def make_hf_model(out_dir: str, seed: int = 0, tied: bool = False):
-    """A tiny random HF Qwen2.5-VL saved as safetensors in out_dir (fp32)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tied)).eval()
-    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out_dir)
-    return model
+from hf_tiny import IMG, VEND, VSTART, make_hf_model, tiny_hf_config
 
 
 def _image_run(grid):

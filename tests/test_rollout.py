@@ -13,34 +13,9 @@ import os
 import pytest
 import torch
 
-IMG, VSTART, VEND, VIDEO = 250, 249, 248, 251
+from hf_tiny import IMG, VEND, VSTART, make_hf_model
+
 NEW = 8
-
-
-def _hf_config():
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, rms_norm_eps=1e-6, max_position_embeddings=512,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}),
-        vision_config=dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=112, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2),
-        image_token_id=IMG, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=VIDEO,
-    )
-
-
-def _hf_model(out_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(_hf_config()).eval()
-    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out_dir)
-    return model
 
 
 def _prompts():
@@ -185,7 +160,7 @@ def engine_results(tmp_path_factory):
     from multirank import run_multirank
 
     hf_dir = str(tmp_path_factory.mktemp("hf"))
-    hf = _hf_model(hf_dir)
+    hf = make_hf_model(hf_dir)
     prompts = _prompts()
     refs = [_hf_greedy(hf, p) for p in prompts]
     results = run_multirank(_engine_body, world_size=2, args=(hf_dir, prompts), timeout=400)
