@@ -1,7 +1,7 @@
 """RL step time of PAPO-G over GRPO, same config and seed, measured side by side in one process.
 
 Both runs start from the same weights (same seed) and read the same prompts; their steps are interleaved
-(GRPO step k, PAPO-G step k, GRPO step k+1, ...) so a load change on the machine hits both alike, and the first
+(GRPO step k, PAPO-G step k, PAPO-G step k+1, GRPO step k+1, ...: which goes first alternates) so a load change on the machine hits both alike, and the first
 ``--warmup`` steps of each are not timed. PAPO-G's extra work per step: masking the images and the masked rows'
 scoring forward (batched with the old-log-prob forward). Per phase the table shows the median wall seconds per
 step; a step's time is also taken as process CPU time (with ``--threads 1`` the two agree on an idle machine, and
@@ -12,7 +12,7 @@ load average (1 minute) at the start and end of the timed steps, for judging how
 The scoring pass takes the run's ``training.prefix_scoring`` (default on: each distinct prompt once, at PP=1);
 ``--set training.prefix_scoring=false`` measures the plain path (every row through megatron's schedule).
 
-  python benchmarks/papo_overhead.py [--steps 12] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
+  python benchmarks/papo_overhead.py [--steps 20] [--warmup 1] [--prompts 8] [--n 8] [--max-new-tokens 16]
       [--threads 1] [--set key=value ...]
 
 The defaults are the embedded demo's model and data (a tiny VLM on CPU). On a GPU node pass a bigger preset with
@@ -33,7 +33,7 @@ PHASES = ("time/rollout", "time/scoring", "time/update", "time/step", "cpu/step"
 
 def _args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12, help="timed RL steps per algorithm")
+    p.add_argument("--steps", type=int, default=20, help="timed RL steps per algorithm")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--warmup", type=int, default=1, help="untimed RL steps per algorithm first")
     p.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
@@ -78,7 +78,9 @@ def main() -> int:
         load = [os.getloadavg()[0]]
         tokens = {name: 0.0 for name in runs}
         for step in range(1, args.warmup + args.steps + 1):
-            for name, (run, it) in runs.items():
+            order = list(runs) if step % 2 else list(runs)[::-1]   # neither always runs right after the other
+            for name in order:
+                run, it = runs[name]
                 t0, c0 = time.perf_counter(), time.process_time()
                 m = rl_step(run.ctx, it, step)
                 m["time/step"], m["cpu/step"] = time.perf_counter() - t0, time.process_time() - c0
@@ -97,6 +99,8 @@ def main() -> int:
     for n in runs:
         print(f"mean response length {n}: {tokens[n] / args.steps:.2f} tokens")
     print(f"wall-time ratio (median step): {med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
+    paired = statistics.median(p / g for p, g in zip(times["papo_g"]["cpu/step"], times["grpo"]["cpu/step"]))
+    print(f"paired ratio (median over steps of PAPO-G / GRPO CPU time of the same step): {paired:.4f}")
     print(f"load average (1 min): {load[0]:.2f} at start, {load[1]:.2f} at end")
     print(f"ratio={med['papo_g']['cpu/step'] / med['grpo']['cpu/step']:.4f}")
     return 0
