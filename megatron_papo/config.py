@@ -185,6 +185,9 @@ class TrainingConfig:
     warmup_sft_lr: float = 0.0
     # run seed: model init, data order, masks, sampling
     seed: int = 1234
+    # torch CPU threads per process (0: this node's cores divided among its ranks); small models on shared cores
+    # run far better with 1, since threads that wait for each other stall whenever another process takes a core
+    cpu_threads: int = 0
     # scoring pass runs each distinct prompt once and the rows' responses against it (PP=1, local spec; else plain)
     prefix_scoring: bool = True
 
@@ -395,7 +398,7 @@ def validate(cfg: Config) -> None:
     nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.max_new_tokens", "rollout.top_k",
               "algorithm.beta", "algorithm.gamma", "algorithm.eta1", "algorithm.eta2", "optimizer.lr",
               "optimizer.weight_decay", "optimizer.clip_grad", "checkpoint.keep_last", "checkpoint.save_interval",
-              "data.shuffle_buffer", "data.num_workers", "parallel.world_size"]
+              "data.shuffle_buffer", "data.num_workers", "parallel.world_size", "training.cpu_threads"]
     for dotted in nonneg:
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted} must be >= 0, got {_get(cfg, dotted)}")

@@ -85,3 +85,21 @@ def test_model_parallel_seeding_tp_streams_differ_dp_same():
     torch.testing.assert_close(by[(0, 0)][0], by[(1, 0)][0])  # default stream: same seed on every rank
     assert not torch.equal(by[(0, 0)][1], by[(1, 0)][1])  # TP ranks get different model-parallel streams
     torch.testing.assert_close(by[(0, 0)][1], by[(0, 1)][1])  # ... shared across data-parallel replicas
+
+
+def test_cpu_threads_split_among_local_ranks():
+    import os
+
+    from megatron_papo.platform import local_world_size, set_cpu_threads
+
+    assert local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4
+    assert local_world_size({"SLURM_NTASKS_PER_NODE": "2(x3)"}) == 2
+    assert local_world_size({}) == 1
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        cores = os.cpu_count() or 1
+        assert set_cpu_threads(0, {"LOCAL_WORLD_SIZE": str(cores)}) == 1
+        assert set_cpu_threads(0, {}) == cores
+    finally:
+        torch.set_num_threads(before)

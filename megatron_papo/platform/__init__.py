@@ -1,6 +1,14 @@
 """Platform layer: device/backend choice, process groups, seeding, and the CPU adaptation of megatron-core."""
 
-from megatron_papo.platform.device import backend, device, fp8_available, has_gpu, synchronize
+from megatron_papo.platform.device import (
+    backend,
+    device,
+    fp8_available,
+    has_gpu,
+    local_world_size,
+    set_cpu_threads,
+    synchronize,
+)
 from megatron_papo.platform.distributed import (
     LaunchInfo,
     check_layout,
@@ -14,6 +22,7 @@ from megatron_papo.platform.seed import rng_state, seed_all, set_rng_state
 
 __all__ = [
     "LaunchInfo", "backend", "check_layout", "device", "first_host", "fp8_available", "has_gpu",
-    "init_distributed", "init_model_parallel", "launch_info", "rng_state", "seed_all", "set_rng_state",
+    "init_distributed", "init_model_parallel", "launch_info", "local_world_size", "rng_state", "seed_all",
+    "set_cpu_threads", "set_rng_state",
     "shutdown", "synchronize",
 ]

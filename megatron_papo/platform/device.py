@@ -32,6 +32,21 @@ def bind_local_device(local_rank: int) -> torch.device:
     return device(local_rank % max(torch.cuda.device_count(), 1) if has_gpu() else None)
 
 
+def local_world_size(env: dict | None = None) -> int:
+    """Processes of this job on this node, from torchrun or SLURM (1 when launched alone)."""
+    env = os.environ if env is None else env
+    raw = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
+    digits = "".join(ch for ch in raw.split("(")[0] if ch.isdigit())   # SLURM writes e.g. "4(x2)"
+    return max(1, int(digits or 1))
+
+
+def set_cpu_threads(requested: int = 0, env: dict | None = None) -> int:
+    """Set torch's intra-op threads: ``requested``, or (0) the node's cores divided among its ranks."""
+    n = requested or max(1, (os.cpu_count() or 1) // local_world_size(env))
+    torch.set_num_threads(n)
+    return n
+
+
 def synchronize() -> None:
     if has_gpu():
         torch.cuda.synchronize()

@@ -29,7 +29,7 @@ def default_config_tree() -> dict:
         # 1e-3 keeps RL stable here (2e-3 drifts away from the reference and forgets the image within 20 steps)
         "optimizer": {"lr": 1e-3, "weight_decay": 0.01, "clip_grad": 1.0, "warmup_steps": 0},
         "training": {"rl_steps": 50, "prompts_per_step": 16, "prompts_per_update": 16, "micro_batch_size": 32,
-                     "warmup_sft_steps": 90, "seed": 1234},
+                     "warmup_sft_steps": 90, "seed": 1234, "cpu_threads": 1},
         "checkpoint": {"dir": "runs/demo/checkpoints", "save_interval": 0, "keep_last": 2, "resume": None},
         "logging": {"tensorboard_dir": "runs/demo/tensorboard", "log_interval": 1, "progress": True},
     }
@@ -42,8 +42,11 @@ def train(cfg: Config, dry_run: bool = False) -> int:
 
         print(describe_layout(cfg))
         return 0
+    from megatron_papo.platform import set_cpu_threads
     from megatron_papo.training.logging import is_logging_rank
     from megatron_papo.training.trainer import run_training
+
+    set_cpu_threads(cfg.training.cpu_threads)
 
     if cfg.checkpoint.dir and is_logging_rank():
         out = Path(cfg.checkpoint.dir)
