@@ -10,25 +10,12 @@ from typing import Callable
 
 import torch
 
+from megatron_papo.registry import Registry
+
 AdvantageFn = Callable[..., torch.Tensor]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str):
-    """Decorator: make an advantage estimator available to ``algorithm.advantage = name``."""
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGE_ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
-    return deco
-
-
-def get_advantage_estimator(name: str) -> AdvantageFn:
-    if name not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(f"algorithm.advantage: unknown estimator {name!r}; choose one of "
-                         f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
-    return ADVANTAGE_ESTIMATORS[name]
+ADVANTAGE_ESTIMATORS: Registry[AdvantageFn] = Registry("estimator", "algorithm.advantage")
+register_advantage = ADVANTAGE_ESTIMATORS.register   # decorator: make an estimator available by name
+get_advantage_estimator = ADVANTAGE_ESTIMATORS.get
 
 
 def group_ids_for(num_prompts: int, n: int, device=None) -> torch.Tensor:

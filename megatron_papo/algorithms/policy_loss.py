@@ -21,6 +21,7 @@ import torch
 from megatron_papo.algorithms.aggregation import Aggregation, aggregate
 from megatron_papo.algorithms.kl import k3_kl
 from megatron_papo.config import AlgorithmConfig
+from megatron_papo.registry import Registry
 
 Tensor = torch.Tensor
 
@@ -46,24 +47,9 @@ class PolicyLossInputs:
 
 
 PolicyLossFn = Callable[[PolicyLossInputs, AlgorithmConfig, Aggregation], tuple[Tensor, dict[str, Tensor]]]
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str):
-    """Decorator: make a policy loss available to ``algorithm.policy_loss = name``."""
-    def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name] = fn
-        return fn
-    return deco
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"algorithm.policy_loss: unknown loss {name!r}; choose one of "
-                         f"{', '.join(sorted(POLICY_LOSSES))}")
-    return POLICY_LOSSES[name]
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("loss", "algorithm.policy_loss")
+register_policy_loss = POLICY_LOSSES.register   # decorator: make a policy loss available by name
+get_policy_loss = POLICY_LOSSES.get
 
 
 def dual_clip_pg(logp: Tensor, old_logp: Tensor, adv: Tensor, eps_low: float, eps_high: float,

@@ -4,30 +4,19 @@ from __future__ import annotations
 
 from typing import Callable
 
+from megatron_papo.registry import Registry
 from megatron_papo.rewards.choice import choice_reward
 from megatron_papo.rewards.math_rewards import math_reward
 
 RewardFn = Callable[[str, str], dict]
-REWARDS: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str):
-    """Decorator: ``fn(response, ground_truth) -> {"overall", "accuracy", "format"}`` under ``name``."""
-    def deco(fn: RewardFn) -> RewardFn:
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered")
-        REWARDS[name] = fn
-        return fn
-    return deco
+# fn(response, ground_truth) -> {"overall", "accuracy", "format"}, by the name a sample's ``reward`` field gives
+REWARDS: Registry[RewardFn] = Registry("reward", "the sample's 'reward' field")
+register_reward = REWARDS.register
 
 
 def get_reward(name: str | None) -> RewardFn:
     """The reward called ``name`` (None or "" -> ``math``, the reward of the published runs)."""
-    key = (name or "math").strip().lower()
-    if key not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; set the sample's 'reward' field to one of "
-                         f"{', '.join(sorted(REWARDS))}")
-    return REWARDS[key]
+    return REWARDS.get((name or "math").strip().lower())
 
 
 register_reward("math")(math_reward)
