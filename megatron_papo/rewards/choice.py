@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-from megatron_papo.rewards.math_rewards import (FORMAT_WEIGHT, has_think_box_format, last_boxed, safe_grade,
-                                                squeeze_tag_spaces)
+from megatron_papo.rewards.math_rewards import boxed_answer_reward, safe_grade
 
 # letter alone or decorated: "B", "(B)", "B.", "B)", "B: 12", "\text{B}", "Option B", "(B) 45 cm"
 _CHOICE = re.compile(r"^\s*(?:\\text\{\s*)?(?:(?:option|answer|choice)\s*[:\s]?\s*)?\(?([A-J])\)?"
@@ -31,17 +30,13 @@ def choice_letter(text: str | None) -> str | None:
     return letter.upper()
 
 
+def _choice_correct(answer, ground_truth: str) -> bool:
+    want = choice_letter(ground_truth.strip())
+    if want is None:  # not a letter: grade it as a math answer
+        return bool(answer) and safe_grade(answer, ground_truth)
+    return choice_letter(answer) == want
+
+
 def choice_reward(response: str, ground_truth: str) -> dict[str, float]:
     """``{"overall", "accuracy", "format"}`` for a multiple-choice answer; never raises."""
-    if not isinstance(response, str) or not isinstance(ground_truth, str):
-        return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
-    text = squeeze_tag_spaces(response)
-    fmt = 1.0 if has_think_box_format(text) else 0.0
-    answer = last_boxed(text)
-    want = choice_letter(ground_truth.strip())
-    if want is None:
-        correct = bool(answer) and safe_grade(answer, ground_truth)
-    else:
-        correct = choice_letter(answer) == want
-    acc = 1.0 if correct else 0.0
-    return {"overall": (1 - FORMAT_WEIGHT) * acc + FORMAT_WEIGHT * fmt, "accuracy": acc, "format": fmt}
+    return boxed_answer_reward(response, ground_truth, _choice_correct)

@@ -96,12 +96,24 @@ def safe_grade(given: str, ground_truth: str) -> bool:
         return False
 
 
-def math_reward(response: str, ground_truth: str) -> dict[str, float]:
-    """``{"overall", "accuracy", "format"}`` for one response; never raises."""
+def boxed_answer_reward(response, ground_truth, is_correct) -> dict[str, float]:
+    """The PAPO reward shape: ``is_correct(last boxed answer, ground truth)`` graded, plus the format term.
+
+    ``{"overall": 0.9 * accuracy + 0.1 * format, "accuracy", "format"}``; never raises on model output.
+    """
     if not isinstance(response, str) or not isinstance(ground_truth, str):
         return {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
     text = squeeze_tag_spaces(response)
     fmt = 1.0 if has_think_box_format(text) else 0.0
     answer = last_boxed(text)
-    acc = 1.0 if answer and safe_grade(answer, ground_truth) else 0.0
+    acc = 1.0 if is_correct(answer, ground_truth) else 0.0
     return {"overall": (1 - FORMAT_WEIGHT) * acc + FORMAT_WEIGHT * fmt, "accuracy": acc, "format": fmt}
+
+
+def _math_correct(answer, ground_truth: str) -> bool:
+    return bool(answer) and safe_grade(answer, ground_truth)
+
+
+def math_reward(response: str, ground_truth: str) -> dict[str, float]:
+    """``{"overall", "accuracy", "format"}`` for one response; never raises."""
+    return boxed_answer_reward(response, ground_truth, _math_correct)
