@@ -29,7 +29,7 @@ def _hangs(rank, world):
 def test_results_and_failures():
     out = run_multirank(_values, 2, timeout=60)
     assert [o.tolist() for o in out] == [[0.0] * 3, [2.0] * 3]
-    with pytest.raises(AssertionError, match="rank 1"):
+    with pytest.raises(AssertionError, match="(?i)pickle"):
         run_multirank(_unpicklable, 2, timeout=60)
     with pytest.raises(AssertionError, match="boom on rank 1"):
         run_multirank(_raises, 2, timeout=60)
