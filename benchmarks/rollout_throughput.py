@@ -31,6 +31,7 @@ def _hf_model(out_dir: str, args):
     cfg = Qwen2_5_VLConfig(
         text_config=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=32000, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=1,
                          rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12], "rope_theta": 1e6}),
         vision_config=dict(depth=1, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=512,
                            fullatt_block_indexes=[0]),
