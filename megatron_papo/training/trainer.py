@@ -19,7 +19,7 @@ from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
 from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
                                                save_checkpoint)
 from megatron_papo.training.logging import RunLogger
-from megatron_papo.training.optimizer import build_optimizer, wrap_ddp
+from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled, wrap_ddp
 from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
 from megatron_papo.training.sft import warm_start
 
@@ -201,6 +201,9 @@ def run_training(cfg: Config) -> dict:
         print(f"algorithm {cfg.algorithm.preset}: gamma={cfg.algorithm.gamma} beta={cfg.algorithm.beta} "
               f"dynamic_sampling={cfg.algorithm.dynamic_sampling}; layout TP={cfg.parallel.tensor_model_parallel_size}"
               f" PP={cfg.parallel.pipeline_model_parallel_size} DP={run.ctx.dp_size}", flush=True)
+        if cfg.optimizer.use_distributed_optimizer and not distributed_optimizer_enabled(cfg.optimizer):
+            print("optimizer: megatron's plain optimizer (optimizer.use_distributed_optimizer needs a GPU; "
+                  "optimizer state is replicated across data-parallel ranks here)", flush=True)
     resume(run)
     result = train_loop(run)
     result["summary"] = summarize(run, result)
