@@ -61,3 +61,17 @@ def test_evaluate_the_demo_checkpoint(demo):
     assert abs(ds["overall"]["avg@k"] - weighted) < 1e-9
     assert 0.0 < ds["overall"]["avg@k"] <= 1.0        # the trained policy answers some questions right
     assert "avg@4" in proc.stdout
+
+
+def test_generate_from_the_demo_checkpoint(demo, tmp_path):
+    """`megatron-papo generate` reads training checkpoints too (the model and tokenizer come from its config)."""
+    from PIL import Image
+
+    cwd, _ = demo
+    image = tmp_path / "shapes.png"
+    Image.new("RGB", (56, 56), (255, 255, 255)).save(image)
+    proc = _cli(["generate", "--checkpoint", "runs/demo/checkpoints/step_30", "--prompt", "How many shapes are "
+                 "there?", "--image", str(image), "--greedy", "--max-new-tokens", "12"], cwd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.strip(), "a response is printed"
+    assert re.search(r"\[\d+ tokens, finished by (eos|length|stop)\]", proc.stderr)

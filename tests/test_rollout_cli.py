@@ -49,4 +49,4 @@ def test_generate_command_matches_transformers(tmp_path):
     assert out.stdout.rstrip("\n") == tok.decode(ref), (out.stdout, tok.decode(ref))
     bad = subprocess.run([sys.executable, "-m", "megatron_papo.cli", "generate", "--checkpoint",
                           str(tmp_path / "nope"), "--prompt", "x"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "not a megatron_papo checkpoint" in bad.stderr
+    assert bad.returncode == 2 and "not a checkpoint" in bad.stderr

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
@@ -104,6 +105,23 @@ def _save_rank(hf_dir: str, out_dir: str) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out_dir, MODEL_DIR))
 
 
+# Tokenizer and processor files travel with the weights, so a converted directory is usable on its own
+# (megatron-papo generate / evaluate, transformers' AutoProcessor).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+              "preprocessor_config.json", "generation_config.json")
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer / processor files that exist in ``src`` to ``dst``; returns their names."""
+    copied = []
+    for name in SIDE_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> VLMSpec:
     """Convert an HF Qwen2.5-VL directory into a megatron dist checkpoint, written by tp*pp ranks."""
     cfg, spec, _ = open_hf_checkpoint(hf_dir)
@@ -115,6 +133,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> VLMSpec:
     os.makedirs(os.path.join(out_dir, MODEL_DIR), exist_ok=True)
     write_checkpoint_meta(out_dir, spec, _hf_dtype(cfg), hf_config=cfg)
     run_ranks(_save_rank, tp=tp, pp=pp, args=(hf_dir, out_dir))
+    copy_side_files(hf_dir, out_dir)
     return spec
 
 
@@ -157,3 +176,4 @@ def mcore_to_hf(mcore_dir: str, out_dir: str) -> None:
     """Write a megatron_papo checkpoint as an HF directory (safetensors + config.json) transformers loads."""
     read_checkpoint_meta(mcore_dir)  # fail here, with the message, before spawning
     run_ranks(_export_rank, tp=1, pp=1, args=(mcore_dir, out_dir))
+    copy_side_files(mcore_dir, out_dir)

@@ -1,4 +1,4 @@
-"""``megatron-papo evaluate``: avg@k accuracy per data set of a checkpoint written by ``megatron-papo train``.
+"""``megatron-papo evaluate``: avg@k accuracy per data set of a training or converted checkpoint.
 
 Each question is answered k times (sampled with the rollout engine at the given temperature) and graded by the
 reward the sample names (``reward`` field, the registry of :mod:`megatron_papo.rewards`); avg@k of a data set is
@@ -16,35 +16,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_papo.config import Config, load_config
 
 PROMPTS_PER_BATCH = 16
-
-
-def resolve_checkpoint(path: str) -> Path:
-    """A ``step_<N>`` directory, or a checkpoint directory holding some (the newest is taken)."""
-    from megatron_papo.training.checkpoint import list_checkpoints
-
-    p = Path(path)
-    if (p / "metadata.json").is_file():
-        return p
-    found = list_checkpoints(p)
-    if not found:
-        raise FileNotFoundError(f"--checkpoint {path}: neither a step_<N> checkpoint (metadata.json) nor a "
-                                "directory holding step_<N> checkpoints; pass checkpoint.dir of a training run")
-    return found[-1][1]
-
-
-def checkpoint_config(path: Path) -> Config:
-    """The resolved training config stored in the checkpoint (the model and tokenizer are rebuilt from it)."""
-    from megatron.core import dist_checkpointing
-
-    tree = dist_checkpointing.load_common_state_dict(str(path)).get("config") or {}
-    if not tree:
-        raise ValueError(f"{path} holds no training config; evaluate needs a checkpoint written by "
-                         "megatron-papo train")
-    tree.setdefault("model", {})["load"] = None          # the weights come from this checkpoint
-    return load_config(None, [], base=tree)
 
 
 def iter_samples(spec: str, limit: int) -> Iterator[dict]:
@@ -113,35 +86,29 @@ def format_table(result: dict, k: int) -> str:
 
 
 def evaluate_command(args) -> int:
-    from megatron_papo.data import Qwen2VLImageProcessor, build_tokenizer
     from megatron_papo.platform import init_distributed, init_model_parallel, shutdown
     from megatron_papo.rollout import SamplingParams
-    from megatron_papo.training.checkpoint import load_checkpoint
-    from megatron_papo.training.trainer import build_model
+    from megatron_papo.training.loading import check_checkpoint, load_for_inference
 
     if args.k < 1:
         raise ValueError(f"--k must be >= 1, got {args.k}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    path = resolve_checkpoint(args.checkpoint)
-    cfg = checkpoint_config(path)
+    check_checkpoint(args.checkpoint)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     info = init_distributed()
-    init_model_parallel(tp=info.world_size, pp=1, seed=cfg.training.seed)
+    init_model_parallel(tp=info.world_size, pp=1, seed=0)
     try:
-        tokenizer = build_tokenizer(cfg.data.tokenizer)
-        processor = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
-        model = build_model(cfg, tokenizer, trainable=False)
-        load_checkpoint(path, [model])
+        loaded = load_for_inference(args.checkpoint)
         with torch.no_grad():
-            result = evaluate(model, tokenizer, processor, iter_samples(args.data, args.limit), args.k, params,
-                              seed=cfg.training.seed, max_prompt_length=cfg.data.max_prompt_length)
+            result = evaluate(loaded.model, loaded.tokenizer, loaded.processor, iter_samples(args.data, args.limit),
+                              args.k, params, seed=loaded.seed)
         if info.rank == 0:
-            print(f"checkpoint {path}, k={args.k}, temperature={args.temperature}")
+            print(f"checkpoint {loaded.path}, k={args.k}, temperature={args.temperature}")
             print(format_table(result, args.k))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"checkpoint": str(path), "k": args.k,
+                Path(args.out).write_text(json.dumps({"checkpoint": str(loaded.path), "k": args.k,
                                                       "temperature": args.temperature, "datasets": result},
                                                      indent=1))
                 print(f"results: {args.out}")

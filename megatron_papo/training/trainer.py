@@ -46,13 +46,42 @@ def build_data(cfg: Config):
     return tokenizer, processor, reader
 
 
+def model_spec(cfg: Config, tokenizer):
+    """The architecture to build. Without ``model.load``: the preset with the tokenizer's vocabulary and vision ids.
+    With it: the checkpoint's own architecture (its shapes must load; a Hugging Face tokenizer's ``len`` is smaller
+    than the checkpoint's padded vocabulary), checked against the preset and the tokenizer."""
+    import dataclasses
+
+    from megatron_papo.models import get_preset
+
+    m = cfg.model
+    preset = get_preset(m.preset)
+    ids = dict(image_token_id=tokenizer.image_token_id, vision_start_token_id=tokenizer.vision_start_id)
+    if not m.load:
+        return dataclasses.replace(preset, vocab_size=tokenizer.vocab_size, **ids)
+    from megatron_papo.convert import read_checkpoint_meta
+
+    spec, _, _ = read_checkpoint_meta(m.load)
+    if (spec.hidden_size, spec.num_layers) != (preset.hidden_size, preset.num_layers):
+        raise ValueError(f"model.preset {m.preset} (hidden {preset.hidden_size}, {preset.num_layers} layers) does "
+                         f"not match the checkpoint at model.load (hidden {spec.hidden_size}, {spec.num_layers} "
+                         "layers); set model.preset to the checkpoint's size")
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the checkpoint at model.load only "
+                         f"{spec.vocab_size}; use the tokenizer of that checkpoint")
+    have = dict(image_token_id=spec.image_token_id, vision_start_token_id=spec.vision_start_token_id)
+    if have != ids:
+        raise ValueError(f"data.tokenizer's vision token ids {ids} differ from the checkpoint's {have} at "
+                         "model.load; use the tokenizer of that checkpoint")
+    return spec
+
+
 def build_model(cfg: Config, tokenizer, trainable: bool = True):
     from megatron_papo.models import build_vlm
 
     m = cfg.model
-    model = build_vlm(m.preset, vocab_size=tokenizer.vocab_size, image_token_id=tokenizer.image_token_id,
-                      vision_start_token_id=tokenizer.vision_start_id, transformer_impl=m.transformer_impl,
-                      fp8=m.fp8, fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
+    model = build_vlm(model_spec(cfg, tokenizer), transformer_impl=m.transformer_impl, fp8=m.fp8,
+                      fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
                       freeze_vision=m.freeze_vision, recompute=m.recompute)
     ban_tokens(model, vision_token_ids(tokenizer))        # the policy never emits vision special tokens
     _expose_gpt_attributes(model)

@@ -1,0 +1,95 @@
+"""Checkpoints for inference (``megatron-papo generate`` / ``evaluate``), in either of the two forms users have:
+
+- a training checkpoint written by ``megatron-papo train``: ``step_<N>/`` (or the ``checkpoint.dir`` holding them,
+  the newest is taken); the model and tokenizer are rebuilt from the resolved config stored in it;
+- a converted checkpoint written by ``tools/convert_checkpoint.py hf-to-mcore``: ``megatron_papo_model.json`` +
+  ``model/``, with the Hugging Face tokenizer files (``tokenizer.json``) or a sentencepiece ``tokenizer.model``
+  copied into the same directory.
+
+Both load at whatever tensor-parallel size the caller initialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_papo.config import Config, DataConfig, load_config
+
+CONVERTED_META = "megatron_papo_model.json"
+
+
+@dataclass
+class InferenceModel:
+    model: object        # eval-mode Qwen25VLModel (this rank's part)
+    tokenizer: object
+    processor: object    # Qwen2VLImageProcessor
+    seed: int            # the run's seed (0 for converted checkpoints)
+    path: Path           # the directory actually loaded
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A converted checkpoint, a ``step_<N>`` directory, or a directory holding some (the newest is taken)."""
+    from megatron_papo.training.checkpoint import list_checkpoints
+
+    p = Path(path)
+    if (p / CONVERTED_META).is_file() or (p / "metadata.json").is_file():
+        return p
+    found = list_checkpoints(p) if p.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"--checkpoint {path}: not a checkpoint: expected a step_<N> directory of "
+                                f"megatron-papo train (or the directory holding them), or the output of "
+                                f"tools/convert_checkpoint.py hf-to-mcore ({CONVERTED_META} + model/)")
+    return found[-1][1]
+
+
+def checkpoint_config(path: Path) -> Config:
+    """The resolved training config stored in a training checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    tree = dist_checkpointing.load_common_state_dict(str(path)).get("config") or {}
+    if not tree:
+        raise ValueError(f"{path} holds no training config; pass a checkpoint written by megatron-papo train")
+    tree.setdefault("model", {})["load"] = None          # the weights come from this checkpoint
+    return load_config(None, [], base=tree)
+
+
+def converted_tokenizer(path: Path):
+    from megatron_papo.data.tokenizer import HFTokenizer, SentencePieceTokenizer
+
+    if (path / "tokenizer.json").is_file():
+        return HFTokenizer(str(path))
+    if (path / "tokenizer.model").is_file():
+        return SentencePieceTokenizer(str(path / "tokenizer.model"))
+    raise FileNotFoundError(f"{path} holds no tokenizer (tokenizer.json or tokenizer.model); copy the model's "
+                            "tokenizer files into the checkpoint directory")
+
+
+def check_checkpoint(path: str) -> Path:
+    """Fail early, before any process group starts, with what is missing."""
+    p = resolve_checkpoint(path)
+    if (p / CONVERTED_META).is_file():
+        converted_tokenizer(p)
+    return p
+
+
+def load_for_inference(path: str) -> InferenceModel:
+    """Build this rank's model from either checkpoint form and load its weights (parallel state initialised)."""
+    from megatron_papo.data import Qwen2VLImageProcessor, build_tokenizer
+
+    p = resolve_checkpoint(path)
+    if (p / CONVERTED_META).is_file():
+        from megatron_papo.convert import load_vlm
+
+        data = DataConfig()
+        processor = Qwen2VLImageProcessor(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+        return InferenceModel(load_vlm(str(p)).eval(), converted_tokenizer(p), processor, 0, p)
+    from megatron_papo.training.checkpoint import load_checkpoint
+    from megatron_papo.training.trainer import build_model
+
+    cfg = checkpoint_config(p)
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    processor = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    model = build_model(cfg, tokenizer, trainable=False)
+    load_checkpoint(p, [model])
+    return InferenceModel(model, tokenizer, processor, cfg.training.seed, p)
