@@ -1,6 +1,7 @@
 """A user's path end to end on a tiny model: a Hugging Face Qwen2.5-VL checkpoint with its own (Hugging Face)
 tokenizer -> tools/convert_checkpoint.py hf-to-mcore -> `megatron-papo train` from it (model.load) ->
-`megatron-papo evaluate` on the converted checkpoint -> mcore-to-hf carries the tokenizer back.
+`megatron-papo evaluate` on the converted checkpoint -> mcore-to-hf of both the converted and the trained
+checkpoint, tokenizer included.
 
 The tokenizer has fewer tokens than the checkpoint's vocabulary (as Qwen's 151,665 vs 151,936), so the model must
 be built with the checkpoint's architecture, not the tokenizer's size.
@@ -88,3 +89,14 @@ def test_hf_checkpoint_to_training_and_back(tmp_path):
     _run([str(ROOT / "tools/convert_checkpoint.py"), "mcore-to-hf", "--mcore", str(mcore), "--out", str(back)],
          tmp_path)
     assert (back / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    # the trained policy goes back to Hugging Face straight from its training checkpoint
+    trained = tmp_path / "trained_hf"
+    _run([str(ROOT / "tools/convert_checkpoint.py"), "mcore-to-hf", "--mcore", "ckpt/step_1", "--out",
+          str(trained)], tmp_path)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    before = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf).state_dict()
+    after = Qwen2_5_VLForConditionalGeneration.from_pretrained(trained).state_dict()
+    assert set(before) == set(after) and all(before[k].shape == after[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "RL changed the weights"
+    assert (trained / "tokenizer.json").is_file()

@@ -83,10 +83,14 @@ def fill_from_hf(model: Qwen25VLModel, ckpt: HFCheckpoint) -> None:
 def load_vlm_checkpoint(model: Qwen25VLModel, ckpt_dir: str) -> None:
     """Load a converted (or trainer-saved) dist checkpoint into this rank's model, at any TP x PP."""
     path = os.path.join(ckpt_dir, MODEL_DIR)
+    if not os.path.isdir(path) and os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        path = ckpt_dir            # a training checkpoint: the model's tensors sit beside optimizer and RNG state
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is missing: {ckpt_dir} holds no megatron dist checkpoint")
-    state = dist_checkpointing.load(model.sharded_state_dict(), path)
-    model.load_state_dict(state, strict=True)
+    wanted = model.sharded_state_dict()
+    state = dist_checkpointing.load(wanted, path)
+    # a training checkpoint's common state (step, config, optimizer's plain entries) comes back too: drop it
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
 
 
 def load_vlm(ckpt_dir: str, **build_kwargs) -> Qwen25VLModel:

@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,8 +110,11 @@ def _rename(src: Path, dst: Path) -> None:
 
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimizer=None, scheduler=None,
                     reader_state=None, config: Optional[dict] = None, keep_last: int = 0,
-                    extra_modules: Optional[dict] = None) -> Path:
-    """Write ``<ckpt_dir>/step_<step>`` atomically on every rank; keep the newest ``keep_last`` (0: all)."""
+                    extra_modules: Optional[dict] = None, describe: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``<ckpt_dir>/step_<step>`` atomically on every rank; keep the newest ``keep_last`` (0: all).
+
+    ``describe(dir)`` runs on rank 0 before the rename, to add files that travel with the weights (the model
+    description and tokenizer files that make the checkpoint usable by mcore-to-hf, generate and evaluate)."""
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -124,6 +127,8 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimiz
     dist_checkpointing.save(sd, str(tmp))
     _barrier()                                                 # every rank's shards are on disk
     if rank0:
+        if describe is not None:
+            describe(tmp)
         if final.exists():
             shutil.rmtree(final)
         _rename(tmp, final)

@@ -68,9 +68,15 @@ def converted_tokenizer(path: Path):
 def check_checkpoint(path: str) -> Path:
     """Fail early, before any process group starts, with what is missing."""
     p = resolve_checkpoint(path)
-    if (p / CONVERTED_META).is_file():
+    if is_converted(p):
         converted_tokenizer(p)
     return p
+
+
+def is_converted(p: Path) -> bool:
+    """hf-to-mcore output (weights under model/); training checkpoints hold their dist checkpoint at the top and
+    also carry a model description for mcore-to-hf."""
+    return (p / CONVERTED_META).is_file() and not (p / "metadata.json").is_file()
 
 
 def load_for_inference(path: str) -> InferenceModel:
@@ -78,7 +84,7 @@ def load_for_inference(path: str) -> InferenceModel:
     from megatron_papo.data import Qwen2VLImageProcessor, build_tokenizer
 
     p = resolve_checkpoint(path)
-    if (p / CONVERTED_META).is_file():
+    if is_converted(p):
         from megatron_papo.convert import load_vlm
 
         data = DataConfig()

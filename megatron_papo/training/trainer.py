@@ -164,8 +164,22 @@ def save(run: Run, step: int) -> str:
     cfg, ctx = run.ctx.cfg, run.ctx
     path = save_checkpoint(cfg.checkpoint.dir, step, [ctx.policy], ctx.optimizer, ctx.scheduler,
                            reader_state=run.reader.state_dict(), config=to_dict(cfg),
-                           keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx))
+                           keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
+                           describe=lambda d: describe_checkpoint(d, cfg, ctx.policy))
     return str(path)
+
+
+def describe_checkpoint(out_dir, cfg: Config, policy) -> None:
+    """The model description (and the Hugging Face config it came from) plus the tokenizer files, next to the
+    weights: tools/convert_checkpoint.py mcore-to-hf then exports a training checkpoint directly."""
+    from megatron_papo.convert import read_checkpoint_meta, write_checkpoint_meta
+    from megatron_papo.convert.checkpoint import copy_side_files
+
+    hf_config = read_checkpoint_meta(cfg.model.load)[2] if cfg.model.load else None
+    write_checkpoint_meta(str(out_dir), getattr(policy, "module", policy).spec, _DTYPES[cfg.model.params_dtype],
+                          hf_config=hf_config)
+    if cfg.data.tokenizer.type == "huggingface" and cfg.data.tokenizer.path:
+        copy_side_files(cfg.data.tokenizer.path, str(out_dir))
 
 
 def _dp_mean(metrics: dict) -> dict:
