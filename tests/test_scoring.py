@@ -42,7 +42,6 @@ def _body(rank, world_size):
     from megatron_papo.training.scoring import prefix_shared_logprobs, prompt_groups, schedule_logprobs
 
     model = build_vlm("tiny", vocab_size=256, image_token_id=IMG, vision_start_token_id=VSTART)
-    model.model_type = __import__("megatron.core.enums", fromlist=["ModelType"]).ModelType.encoder_or_decoder
     with torch.no_grad():                                    # sharper attention / logits than the 0.02 init
         for p in model.parameters():
             if p.dim() >= 2:

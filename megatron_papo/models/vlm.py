@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
@@ -32,6 +33,9 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 class Qwen25VLModel(MegatronModule):
+    # what megatron's pipeline schedules read off a model chunk
+    model_type = ModelType.encoder_or_decoder
+
     def __init__(self, spec: VLMSpec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str,
                  params_dtype: torch.dtype, freeze_vision: bool, pre_process: bool, post_process: bool,
                  recompute: bool = False):
@@ -53,6 +57,14 @@ class Qwen25VLModel(MegatronModule):
             self.vision = VisionTower(vis_cfg, spec.vision, vision_layer_spec(transformer_impl))
             if freeze_vision:
                 self.vision.requires_grad_(False)
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """megatron's ``finalize_model_grads`` sums tied embedding gradients of the first and last stages."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)

@@ -84,7 +84,6 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
                       fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
                       freeze_vision=m.freeze_vision, recompute=m.recompute)
     ban_tokens(model, vision_token_ids(tokenizer))        # the policy never emits vision special tokens
-    _expose_gpt_attributes(model)
     if m.load:
         from megatron_papo.convert.checkpoint import load_vlm_checkpoint
 
@@ -93,20 +92,6 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
         model.requires_grad_(False)
         model.eval()
     return model
-
-
-def _expose_gpt_attributes(model) -> None:
-    """What megatron's schedules and ``finalize_model_grads`` read off a model chunk, which the VLM wrapper
-    keeps on its language model: the model type, and the tied-embedding accessors used to sum the embedding
-    gradients of the first and last pipeline stages."""
-    from megatron.core.enums import ModelType
-
-    lm = model.language_model
-    if not hasattr(model, "model_type"):
-        model.model_type = ModelType.encoder_or_decoder
-    if not hasattr(model, "share_embeddings_and_output_weights"):
-        model.share_embeddings_and_output_weights = lm.share_embeddings_and_output_weights
-        model.shared_embedding_or_output_weight = lm.shared_embedding_or_output_weight
 
 
 @dataclass
