@@ -21,7 +21,6 @@ Vs vocabulary shard, h hidden.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,22 +30,11 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
-from megatron_papo.rollout.pipeline import Stages
+from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
 
 _EOS, _STOP, _LENGTH = 1, 2, 3
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -104,7 +92,7 @@ class MegatronEngine:
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
-        with _eval_mode(self.model):
+        with eval_mode(self.model, torch.inference_mode):
             batch = self._layout(prompts, n, params.max_new_tokens)
             context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
             ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])

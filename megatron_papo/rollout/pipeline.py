@@ -18,6 +18,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+@contextmanager
+def eval_mode(model, grad_guard=torch.no_grad):
+    """Eval mode (the attention modules use the KV cache only then) under ``grad_guard`` (``torch.no_grad`` or
+    ``torch.inference_mode``); the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with grad_guard():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def unwrap(model):
     """The VLM inside wrappers (megatron DDP, Float16Module) that keep it in ``.module``."""
     while not hasattr(model, "language_model") and hasattr(model, "module"):

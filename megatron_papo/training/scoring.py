@@ -17,7 +17,6 @@ Vs = V/tp vocabulary shard.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -25,7 +24,7 @@ from megatron.core import parallel_state
 
 from megatron_papo.ops import vocab_parallel_log_probs
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
-from megatron_papo.rollout.pipeline import unwrap, vocab_parallel_inference
+from megatron_papo.rollout.pipeline import eval_mode, unwrap, vocab_parallel_inference
 from megatron_papo.training.sequences import Rows, pack, response_stats, run_schedule, seq_len
 
 # (model, rows, micro_batch_size, pad_id, image_token_id, temperature) -> [N, T] float32, None off the last stage
@@ -50,7 +49,7 @@ def prefix_shared_logprobs(model, rows: Rows, micro_batch_size: int, pad_id: int
     vlm = unwrap(model)
     groups = prompt_groups(rows)
     out = []
-    with _no_grad_eval(vlm):
+    with eval_mode(vlm):
         for chunk in _chunks(groups, micro_batch_size):
             out.append(_score_chunk(vlm, rows, chunk, pad_id, image_token_id, temperature))
     return torch.cat(out) if out else torch.zeros(0, rows.response_ids.shape[1])
@@ -83,18 +82,6 @@ def _chunks(groups: list, rows_per_chunk: int) -> list[list]:
         cur.append(g)
         size += g[1]
     return chunks + ([cur] if cur else [])
-
-
-@contextmanager
-def _no_grad_eval(vlm):
-    """Eval mode (the attention modules use the KV cache only then) without autograd; the mode is restored."""
-    was = vlm.training
-    vlm.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        vlm.train(was)
 
 
 def _score_chunk(vlm, rows: Rows, groups: list, pad_id: int, image_token_id: Optional[int],
