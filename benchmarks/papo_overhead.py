@@ -5,15 +5,17 @@ Arms (all on the GRPO base, so only the view work differs): ``grpo``; ``papo_g``
 terms); ``vppo`` (GRPO + the VPPO consumer: the masked view, token filter and advantage shaping); ``papo_g+blank``
 (PAPO-G with a second view, ``blank``, scored in the same pass). Every run starts from the same weights (same seed)
 and reads the same prompts; their steps are interleaved (the order rotates each step) so a load change on the
-machine hits all alike, and the first ``--warmup`` steps of each are not timed. The extra work of a view per step:
-making its images and its rows' scoring forward (batched with the old-log-prob forward), so the scoring phase
-grows by one pass over the rows per view and the other phases do not move; the table gives the passes over the
-rows each arm's scoring phase makes (policy pass for old log-probs, one per view, the reference's) and the median
-seconds per pass. Per phase the table shows the median wall seconds per
-step; a step's time is also taken as process CPU time (with ``--threads 1`` the two agree on an idle machine, and
-CPU time is barely disturbed by other jobs on a shared one). The last line is
-``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>`` (the VPPO ratio is printed above it); the line before it gives the machine's
-load average (1 minute) at the start and end of the timed steps, for judging how shared the machine was.
+machine hits all alike, and the first ``--warmup`` steps of each are not timed. A view's extra work per step is
+making its images and scoring its rows (batched with the old-log-prob forward), so the scoring phase grows by one
+pass over the rows per view and the other phases do not move.
+
+Per phase the table shows the median wall seconds per step, then each arm's step CPU time over GRPO's, the passes
+over the rows its scoring phase makes (old log-probs unless the rollout's, one per view, the reference's) and the
+median scoring seconds per pass. A step's time is also taken as process CPU time (with ``--threads 1`` the two
+agree on an idle machine, and CPU time is barely disturbed by other jobs on a shared one). The last line is
+``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>`` (the VPPO ratio is printed above it); the line
+before it gives the machine's load average (1 minute) at the start and end of the timed steps, for judging how
+shared the machine was.
 
 The scoring pass takes the run's ``training.prefix_scoring`` (default on: each distinct prompt once, at PP=1);
 ``--set training.prefix_scoring=false`` measures the plain path (every row through megatron's schedule).

@@ -157,8 +157,7 @@ class AlgorithmConfig:
     vppo_s_min: float = 0.9
     # VPPO: the view whose log-probs measure visual dependency (must be among the scored views)
     vppo_view: str = "masked"
-    # VPPO shaping statistics: global (RL step, all DP ranks) | reference (min/max per rank and mini-batch, mean per
-    # micro-batch, as the VPPO reference code)
+    # VPPO shaping statistics: global (RL step, all DP ranks) | reference (per rank: mini-batch min/max, micro mean)
     vppo_stats: str = "global"
 
 

@@ -2,8 +2,8 @@
 an extra scored view changes nothing but the metrics it adds.
 
 Same set-up as tests/test_train.py (shared initial weights, layout-independent sampling, a deterministic reward
-with variance). The weights are scaled up (sharper logits, image features that matter) so the visual dependencies are far
-apart (the top-p token choice must not hinge on float rounding between layouts). Dynamic sampling is off to keep
+with variance). The weights are scaled up (sharper logits, image features that matter) so the visual
+dependencies are far apart (the top-p token choice must not hinge on float rounding between layouts). Dynamic sampling is off to keep
 the run short; the rest is the ``vppo`` preset.
 """
 

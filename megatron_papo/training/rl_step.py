@@ -114,7 +114,8 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
 
 def _take_groups(r: Rollouts, groups: list[int], n: int) -> Rollouts:
     idx = [g * n + j for g in groups for j in range(n)]
-    return Rollouts([r.samples[g] for g in groups], r.rows.select(idx), {k: [v[i] for i in idx] for k, v in r.views.items()},
+    views = {k: [v[i] for i in idx] for k, v in r.views.items()}
+    return Rollouts([r.samples[g] for g in groups], r.rows.select(idx), views,
                     r.rewards[idx], r.accuracy[idx], r.format[idx], r.lengths[idx])
 
 
