@@ -14,10 +14,10 @@ The published PAPO evaluation (the PAPO_eval data set on Hugging Face, one split
 ShareGPT "messages" + "images") becomes shards with one call per benchmark, naming the data set as the paper
 does so `megatron-papo evaluate --protocol papo-eval` prints the paper's table (General AVG, Vision AVG, Overall):
 
-  for pair in hiyouga_geometry3k:Geo3K AI4Math_MathVista:MathVista We-Math_We-Math:We-Math \
-              AI4Math_MathVerse:MathVerse lscpku_LogicVista:LogicVista \
-              BUAADreamer_clevr_count_70k:"SuperClevr Counting" MMMU_MMMU_Pro:MMMU-Pro \
-              AI4Math_MathVerse_vision_dependent:MathVerse_V; do
+  pairs=(hiyouga_geometry3k:Geo3K AI4Math_MathVista:MathVista We_Math:We-Math AI4Math_MathVerse:MathVerse
+         lscpku_LogicVista:LogicVista "BUAADreamer_clevr_count_70k:SuperClevr Counting" MMMU_MMMU_Pro:MMMU-Pro
+         AI4Math_MathVerse_vision_dependent:MathVerse_V)
+  for pair in "${pairs[@]}"; do
     split=${pair%%:*}; name=${pair#*:}
     make_shards.py PAPO_eval/data/${split}-*.parquet --dataset "$name" --out "data/papo_eval/${name// /_}"
   done
