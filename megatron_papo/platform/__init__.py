@@ -1,4 +1,5 @@
-"""Platform layer: device/backend choice, process groups, seeding, and the CPU adaptation of megatron-core."""
+"""Platform layer: device/backend choice, process groups, seeding, the CPU adaptation of megatron-core, GPU
+generations and FP8 recipe support, and the optional-accelerator notice."""
 
 from megatron_papo.platform.device import (
     backend,

@@ -60,12 +60,15 @@ def max_memory_allocated() -> int:
 def fp8_available() -> tuple[bool, str]:
     """Whether FP8 can run here, and why not if it cannot."""
     if not has_gpu():
-        return False, "FP8 needs an NVIDIA GPU (Hopper or newer); none is visible to torch"
+        return False, "FP8 needs an NVIDIA GPU (Ada, Hopper or Blackwell); none is visible to torch"
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError:
-        return False, "FP8 needs Transformer Engine: install transformer-engine[pytorch] or use an NGC PyTorch container"
-    major, _ = torch.cuda.get_device_capability()
-    if major < 9:
-        return False, f"FP8 needs compute capability >= 9.0 (Hopper); this GPU has {major}.x"
+        return False, ("FP8 needs Transformer Engine: use an NGC PyTorch container or install it (README section "
+                       "'GPU')")
+    from megatron_papo.platform.gpu import generation
+
+    cc = tuple(torch.cuda.get_device_capability())
+    if cc < (8, 9):
+        return False, f"FP8 needs an Ada, Hopper or Blackwell GPU (compute capability >= 8.9); this is {generation(cc)}"
     return True, ""
