@@ -12,8 +12,12 @@ def has_gpu() -> bool:
 
 
 def backend() -> str:
-    """``nccl`` with a GPU, ``gloo`` otherwise (override with MEGATRON_PAPO_BACKEND)."""
-    return os.environ.get("MEGATRON_PAPO_BACKEND") or ("nccl" if has_gpu() else "gloo")
+    """NCCL for GPU tensors with a GPU, gloo otherwise (override with MEGATRON_PAPO_BACKEND).
+
+    With a GPU the default group is ``cpu:gloo,cuda:nccl``: model tensors go through NCCL, and the small CPU
+    tensors of the trainer's bookkeeping (token counts, metrics, agreement flags) through gloo, instead of
+    failing in NCCL, which only takes CUDA tensors. megatron's groups inherit both."""
+    return os.environ.get("MEGATRON_PAPO_BACKEND") or ("cpu:gloo,cuda:nccl" if has_gpu() else "gloo")
 
 
 def device(local_rank: int | None = None) -> torch.device:
