@@ -76,3 +76,34 @@ def fp8_available() -> tuple[bool, str]:
     if cc < (8, 9):
         return False, f"FP8 needs an Ada, Hopper or Blackwell GPU (compute capability >= 8.9); this is {generation(cc)}"
     return True, ""
+
+
+def reset_peak_memory() -> None:
+    if has_gpu():
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Timer:
+    """Wall time of a block of device work: CUDA events on a GPU (queued work included), perf_counter on CPU.
+
+    ``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self):
+        import time
+
+        if has_gpu():
+            self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        if has_gpu():
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0

@@ -80,3 +80,25 @@ def check_fp8_recipe(recipe: str) -> None:
     ok, why = fp8_recipe_support(recipe, device_capability() or (0, 0), torch.version.cuda)
     if not ok:
         raise ValueError(why)
+
+
+# dense bf16 peak FLOP/s by device name (datasheet figures, no sparsity); the first matching key wins
+_BF16_PEAK = (("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
+              ("H800", 989e12), ("H20", 148e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+              ("L4", 121e12))
+
+
+def bf16_peak_flops(name: Optional[str] = None) -> Optional[float]:
+    """Datasheet dense bf16 peak of the current (or named) GPU, None when unknown or without a GPU."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    return next((peak for key, peak in _BF16_PEAK if key in name), None)
+
+
+def device_name() -> str:
+    """The GPU's name and generation, or 'CPU'."""
+    if not torch.cuda.is_available():
+        return "CPU"
+    return f"{torch.cuda.get_device_name()}, {generation(device_capability())}, CUDA {torch.version.cuda}"
