@@ -35,7 +35,7 @@ class ModelConfig:
     load: Optional[str] = None
     # layer implementation: local (torch SDPA, runs on CPU) | transformer_engine (GPU, needed for FP8)
     transformer_impl: str = "local"
-    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and a Hopper+ GPU)
+    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and an Ada, Hopper or Blackwell GPU)
     fp8: Optional[str] = None
     # FP8 scaling recipe: delayed | tensorwise (Ada+) | blockwise (Hopper, CUDA >= 12.9) | mxfp8 (Blackwell)
     fp8_recipe: str = "delayed"

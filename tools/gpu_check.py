@@ -24,6 +24,8 @@ default); every section also has its own limit. ``--cpu-smoke`` runs the same se
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import math
 import os
@@ -360,13 +362,15 @@ def section_mfu(args) -> None:
     init_model_parallel(1, 1)
     z = args.sizes["stack"]
     peak = bf16_peak_flops()
-    shape = f"{z['layers']}L h{z['hidden']} ffn{z['ffn']} V{z['vocab']} s{z['seq']}x{z['micro_batch']}x{z['micro_batches']}"
+    shape = (f"{z['layers']}L h{z['hidden']} ffn{z['ffn']} V{z['vocab']} "
+             f"s{z['seq']}x{z['micro_batch']}x{z['micro_batches']}")
     for distributed in (False, True):
         name = "distributed optimizer (DP=1)" if distributed else "plain optimizer"
         if distributed and not has_gpu():
             row("3 mfu", name, "GPU-only in megatron-core 0.16.1", "", SKIP)
             continue
         sec, peak_bytes, params, applied = _train_steps(z, distributed)
+        gc.collect()                                                     # free this model before the next
         flops = stack_flops_per_token(z) * z["seq"] * z["micro_batch"] * z["micro_batches"] / sec
         mfu = f"MFU {flops / peak:.1%}" if peak else "peak unknown"
         row("3 mfu", f"{name}: {shape}", f"{flops / 1e12:.3g} TFLOP/s, {mfu}, {sec * 1e3:.0f} ms/step",
@@ -409,7 +413,7 @@ def section_memory(args) -> None:
         row("4 memory", "RL step (tiny VLM): peak", f"{STATE['rl_peak_bytes'] / gib:.3f} GiB", ref, OK)
 
 
-# --- 5: Transformer Engine ---------------------------------------------------------------------------------------------
+# --- 5: Transformer Engine -------------------------------------------------------------------------------------
 def _te_local_map(key: str) -> str:
     return (key.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
                .replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"))
@@ -429,7 +433,7 @@ def _te_step(model, ids):
 def section_te(args) -> None:
     import torch
 
-    from megatron_papo.models import build_vlm
+    from megatron_papo.models import build_vlm, get_preset
     from megatron_papo.models.fp8_padding import padded_seq_len, token_multiple
     from megatron_papo.platform import device, fp8_available, has_gpu, init_model_parallel
     from megatron_papo.platform.gpu import FP8_RECIPES, device_capability, fp8_recipe_support
@@ -444,9 +448,13 @@ def section_te(args) -> None:
         row("5 te", "Transformer Engine", "imports, but no GPU", "", SKIP)
         return
     init_model_parallel(1, 1)
+    # every GEMM dimension a multiple of 128, as FP8 (and blockwise scaling's 128-blocks) wants
+    spec = dataclasses.replace(get_preset("tiny"), hidden_size=512, num_heads=4, num_kv_heads=2,
+                               intermediate_size=1536, mrope_section=(16, 24, 24),
+                               vision=dataclasses.replace(get_preset("tiny").vision, out_hidden_size=512))
     kw = dict(vocab_size=512, image_token_id=511, vision_start_token_id=510, params_dtype=torch.bfloat16)
-    local = build_vlm("tiny", transformer_impl="local", **kw)
-    te = build_vlm("tiny", transformer_impl="transformer_engine", **kw)
+    local = build_vlm(spec, transformer_impl="local", **kw)
+    te = build_vlm(spec, transformer_impl="transformer_engine", **kw)
     src = local.state_dict()
     te.load_state_dict({k: src[_te_local_map(k)] if _te_local_map(k) in src else v
                         for k, v in te.state_dict().items()})
@@ -465,8 +473,9 @@ def section_te(args) -> None:
         if not (ok and runs):
             row("5 te", f"FP8 step, recipe {recipe}", "not run", (why or why_not)[:90], SKIP)
             continue
-        fp8 = build_vlm("tiny", transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe, **kw)
-        fp8.load_state_dict(te.state_dict(), strict=False)
+        fp8 = build_vlm(spec, transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe=recipe, **kw)
+        fp8.load_state_dict({k: v for k, v in te.state_dict().items() if not k.endswith("_extra_state")},
+                            strict=False)
         x = ids[:, :padded_seq_len(ids.shape[1] - 1, 4, token_multiple("hybrid", recipe)) + 1]
         loss, finite = _te_step(fp8, x)
         row("5 te", f"FP8 step, recipe {recipe}", f"loss {loss:.4f}", f"bf16 {base:.4f} (rel 0.05)",
@@ -492,6 +501,22 @@ def print_table(title: str) -> None:
     print(title)
     for r in [("section", "check", "value", "reference", "status")] + ROWS:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def start_watchdog(seconds: float, title: str) -> None:
+    """A section stuck inside native code (a hung collective or kernel) never sees SIGALRM: past the budget plus a
+    margin, print the table so far and exit non-zero from a thread."""
+    import threading
+
+    def fire():
+        row("watchdog", "total budget", f"exceeded by {seconds:.0f} s inside native code", "", FAIL)
+        print_table(title + " (stopped by the watchdog)")
+        sys.stdout.flush()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
 
 
 def _parse(argv):
@@ -525,6 +550,7 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + (args.budget_s or mode["budget"])
     torch.use_deterministic_algorithms(True, warn_only=True)
     set_cpu_threads(0)
+    start_watchdog((args.budget_s or mode["budget"]) + 60, f"gpu_check on {device_name()}")
     init_distributed()
     t0 = time.monotonic()
     for key in [s.strip() for s in args.sections.split(",") if s.strip()]:

@@ -11,6 +11,8 @@ Vision tower rule: it stays in the parameter dtype (bf16), never FP8. Its token 
 patches, which varies with every image's size, and its MLP width (Qwen2.5-VL: 3420) is not a multiple of 16, so
 FP8 would need padded patches *and* padded weights for a tower that holds ~9% of a 7B model's parameters.
 
+Generation cannot align its token counts, so the rollout engine runs an FP8 model in bf16 (:class:`fp8_off`).
+
 The alignment is registered once when a model is built (:func:`configure`, from ``build_vlm``), like megatron's
 parallel state; :func:`padded_seq_len` is the one call micro-batch builders make (``training.sequences.pack``,
 and any other packer of token rows).
@@ -65,3 +67,24 @@ class aligned:
     def __exit__(self, *exc):
         global _token_multiple
         _token_multiple = self._saved
+
+
+class fp8_off:
+    """``with fp8_off(model): ...`` runs a model built with FP8 in its parameter dtype (bf16) for the block.
+
+    Generation cannot keep token counts aligned (prompts of any length, one token per row and step, rows finishing
+    at different steps), so the rollout engine decodes in bf16; megatron reads ``config.fp8`` at every forward,
+    and every layer shares the language model's config object. Without FP8 this does nothing."""
+
+    def __init__(self, model):
+        self.config = getattr(getattr(model, "language_model", None), "config", None)
+
+    def __enter__(self):
+        self._saved = getattr(self.config, "fp8", None)
+        if self._saved is not None:
+            self.config.fp8 = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            self.config.fp8 = self._saved

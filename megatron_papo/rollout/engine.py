@@ -28,6 +28,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.pipeline import Stages, eval_mode
@@ -92,7 +93,7 @@ class MegatronEngine:
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
-        with eval_mode(self.model, torch.inference_mode):
+        with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model):  # unaligned token counts
             batch = self._layout(prompts, n, params.max_new_tokens)
             context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
             ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
