@@ -30,6 +30,17 @@ def test_fp8_recipe_support_table(recipe, cc, cuda, ok):
     assert fp8_recipe_support(recipe, cc, cuda)[0] is ok
 
 
+def test_generation_names_and_peaks():
+    from megatron_papo.platform.gpu import bf16_peak_flops, generation
+
+    assert generation((9, 0)) == "Hopper (compute capability 9.0)"
+    assert generation((8, 9)).startswith("Ada") and generation((10, 3)).startswith("Blackwell")
+    assert generation((8, 6)).startswith("Ampere") and generation((13, 0)).startswith("newer than Blackwell")
+    assert bf16_peak_flops("NVIDIA H200") == 989e12 and bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bf16_peak_flops("NVIDIA H20") == 148e12 and bf16_peak_flops("NVIDIA L40") == 181e12
+    assert bf16_peak_flops("Some Future GPU") is None
+
+
 def test_unrunnable_recipe_is_one_line_naming_the_generation(monkeypatch):
     from megatron_papo.platform import gpu
 

@@ -85,7 +85,7 @@ def check_fp8_recipe(recipe: str) -> None:
 # dense bf16 peak FLOP/s by device name (datasheet figures, no sparsity); the first matching key wins
 _BF16_PEAK = (("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12),
               ("H800", 989e12), ("H20", 148e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-              ("L4", 121e12))
+              ("L40", 181e12), ("L4", 121e12))
 
 
 def bf16_peak_flops(name: Optional[str] = None) -> Optional[float]:
