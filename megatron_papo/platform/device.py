@@ -1,4 +1,4 @@
-"""Device and collective backend choice: the only place that names CUDA or NCCL."""
+"""Device and collective backend, timing and peak memory (with gpu.py, the only modules that name CUDA or NCCL)."""
 
 from __future__ import annotations
 
