@@ -35,9 +35,9 @@ class ModelConfig:
     load: Optional[str] = None
     # layer implementation: local (torch SDPA, runs on CPU) | transformer_engine (GPU, needed for FP8)
     transformer_impl: str = "local"
-    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and a Hopper+ GPU)
+    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and an Ada, Hopper or Blackwell GPU)
     fp8: Optional[str] = None
-    # FP8 scaling recipe: delayed | tensorwise | mxfp8
+    # FP8 scaling recipe: delayed | tensorwise (Ada+) | blockwise (Hopper, CUDA >= 12.9) | mxfp8 (Blackwell)
     fp8_recipe: str = "delayed"
     # parameter dtype: float32 | bfloat16
     params_dtype: str = "float32"
@@ -272,7 +272,7 @@ _CHOICES = {
     "model.preset": ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"),
     "model.transformer_impl": ("local", "transformer_engine"),
     "model.fp8": (None, "e4m3", "hybrid"),
-    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "model.params_dtype": ("float32", "bfloat16"),
     "data.tokenizer.type": ("sentencepiece", "huggingface"),
     "algorithm.preset": tuple(ALGORITHM_PRESETS),

@@ -167,9 +167,10 @@ def _agree_min(value: int) -> int:
 
 
 def rollout_logprobs_usable(cfg: Config) -> bool:
-    """The rollout's log-probs are the old policy's (same temperature, nothing truncated): no forward needed."""
+    """The rollout's log-probs are the old policy's (same temperature, nothing truncated, and the same numerics:
+    with FP8 the engine generates in bf16, so the update's FP8 forward recomputes them): no forward needed."""
     r = cfg.rollout
-    return not r.recompute_old_logprobs and r.top_p >= 1.0 and r.top_k == 0
+    return not r.recompute_old_logprobs and r.top_p >= 1.0 and r.top_k == 0 and cfg.model.fp8 is None
 
 
 def needs_masked(cfg: Config) -> bool:
