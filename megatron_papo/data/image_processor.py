@@ -61,7 +61,7 @@ class Qwen2VLImageProcessor:
     """
 
     def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, patch_size: int = 14,
-                 temporal_patch_size: int = 2, merge_size: int = 2):
+                 temporal_patch_size: int = 2, merge_size: int = 2, image_mean=CLIP_MEAN, image_std=CLIP_STD):
         factor = patch_size * merge_size
         if min_pixels <= 0 or max_pixels < min_pixels:
             raise ValueError(f"image pixels: need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, "
@@ -74,8 +74,8 @@ class Qwen2VLImageProcessor:
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self._mean = np.array(CLIP_MEAN, dtype=np.float32)
-        self._std = np.array(CLIP_STD, dtype=np.float32)
+        self._mean = np.array(image_mean, dtype=np.float32)
+        self._std = np.array(image_std, dtype=np.float32)
 
     @property
     def patch_dim(self) -> int:
