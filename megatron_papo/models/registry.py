@@ -43,6 +43,8 @@ class Family:
     image_processor: Callable
     # raw-image cell of one vision patch in pixels (PAPO masking default; x spatial merge for merged cells)
     patch_size: int
+    # the transformers class of the family's checkpoints
+    hf_architecture: str
 
 
 def _build_qwen25(spec, *, transformer_impl, fp8, fp8_recipe, params_dtype, freeze_vision, pre_process,
@@ -95,13 +97,15 @@ FAMILIES: dict[str, Family] = {
         or "Qwen2_5_VLForConditionalGeneration" in (cfg.get("architectures") or []),
         spec_from_hf_config=qwen25.spec_from_hf_config, hf_config_from_spec=_qwen25_hf_config,
         spec_from_dict=_qwen25_from_dict, mapping=_mapping("megatron_papo.convert.mapping"),
-        image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14),
+        image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
+        hf_architecture="Qwen2_5_VLForConditionalGeneration"),
     qwen3_vl.FAMILY: Family(
         name=qwen3_vl.FAMILY, spec_type=qwen3_vl.Qwen3VLSpec, presets=qwen3_vl.PRESETS, build=qwen3_vl.build,
         is_hf_config=qwen3_vl.spec.is_qwen3_vl_config, spec_from_hf_config=qwen3_vl.spec_from_hf_config,
         hf_config_from_spec=qwen3_vl.spec.hf_config_from_spec, spec_from_dict=qwen3_vl.spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen3_vl.mapping"),
-        image_processor=_processor(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216), patch_size=16),
+        image_processor=_processor(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216), patch_size=16,
+        hf_architecture="Qwen3VLForConditionalGeneration"),
 }
 
 

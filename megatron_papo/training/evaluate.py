@@ -65,7 +65,7 @@ def evaluate(model, tokenizer, processor, samples: Iterator[dict], k: int, param
         out = engine.generate(prompts, k, params, seed=seed * 1_000_003 + b)
         for i in range(len(out)):
             s = batch[i // k]
-            text = tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
+            text = tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist())
             acc[s["dataset"]] += float(get_reward(s.get("reward"))(text, s["answer"])["accuracy"])
         for s in batch:
             questions[s["dataset"]] += 1

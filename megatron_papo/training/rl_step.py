@@ -100,7 +100,8 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
             masked.append((None, None))
             continue
         imgs = mask_prompt_images(s["images"], seed=cfg.training.seed, step=step, prompt_index=first + p,
-                                  **masking_options(cfg.algorithm, pr.image_grid_thw))
+                                  **masking_options(cfg.algorithm, pr.image_grid_thw, ctx.processor.patch_size,
+                                                    ctx.processor.merge_size))
         pv, grid = ctx.processor(imgs)
         assert torch.equal(grid, pr.image_grid_thw), "masking must keep the image grid"
         masked.append((pv, grid))
@@ -108,7 +109,7 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
     scores = []
     for i in range(len(out)):
         s = samples[i // n]
-        text = ctx.tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
+        text = ctx.tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist())
         scores.append(get_reward(s.get("reward"))(text, s["answer"]))
     rows = Rows([prompts[i // n].input_ids for i in range(len(out))], out.response_ids, out.response_mask.bool(),
                 [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],

@@ -100,9 +100,11 @@ class Qwen3VisionTower(MegatronModule):
         for i, layer in enumerate(self.layers):
             out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
         tp_group = parallel_state.get_tensor_model_parallel_group()  # None would mark every TP rank replica 0
-        for name in ("patch_embed", "pos_embed", "merger", "deepstack_mergers"):
-            out.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets,
-                                                  metadata, tp_group=tp_group))
+        parts = [("patch_embed", self.patch_embed), ("pos_embed", self.pos_embed), ("merger", self.merger)]
+        parts += [(f"deepstack_mergers.{k}", m) for k, m in enumerate(self.deepstack_mergers)]
+        for name, module in parts:
+            out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                  tp_group=tp_group))
         return out
 
     def _rotary(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
