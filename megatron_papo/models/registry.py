@@ -45,6 +45,8 @@ class Family:
     patch_size: int
     # the transformers class of the family's checkpoints
     hf_architecture: str
+    # (spec, tp) -> parameters per rank of (one language layer, the vision tower), for --dry-run
+    param_counts: Callable
 
 
 def _build_qwen25(spec, *, transformer_impl, fp8, fp8_recipe, params_dtype, freeze_vision, pre_process,
@@ -88,6 +90,18 @@ def _mapping(module: str):
     return load
 
 
+def _qwen25_counts(spec, tp: int):
+    from megatron_papo.training.layout import qwen25_param_counts
+
+    return qwen25_param_counts(spec, tp)
+
+
+def _qwen3_counts(spec, tp: int):
+    from megatron_papo.models.qwen3_vl.counts import param_counts
+
+    return param_counts(spec, tp)
+
+
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 FAMILIES: dict[str, Family] = {
@@ -98,14 +112,14 @@ FAMILIES: dict[str, Family] = {
         spec_from_hf_config=qwen25.spec_from_hf_config, hf_config_from_spec=_qwen25_hf_config,
         spec_from_dict=_qwen25_from_dict, mapping=_mapping("megatron_papo.convert.mapping"),
         image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
-        hf_architecture="Qwen2_5_VLForConditionalGeneration"),
+        hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=_qwen25_counts),
     qwen3_vl.FAMILY: Family(
         name=qwen3_vl.FAMILY, spec_type=qwen3_vl.Qwen3VLSpec, presets=qwen3_vl.PRESETS, build=qwen3_vl.build,
         is_hf_config=qwen3_vl.spec.is_qwen3_vl_config, spec_from_hf_config=qwen3_vl.spec_from_hf_config,
         hf_config_from_spec=qwen3_vl.spec.hf_config_from_spec, spec_from_dict=qwen3_vl.spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen3_vl.mapping"),
         image_processor=_processor(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216), patch_size=16,
-        hf_architecture="Qwen3VLForConditionalGeneration"),
+        hf_architecture="Qwen3VLForConditionalGeneration", param_counts=_qwen3_counts),
 }
 
 
