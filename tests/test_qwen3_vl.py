@@ -150,3 +150,15 @@ def test_spec_from_hf_config_and_errors():
         spec_from_hf_config(bad)
     with pytest.raises(ValueError, match="supported: Qwen2.5-VL"):
         spec_from_hf_config({**cfg, "model_type": "llava", "architectures": ["Llava"]})
+
+
+def test_fp8_and_te_requests_fail_clearly_without_support():
+    from megatron_papo.models import build_vlm
+
+    with pytest.raises(ValueError, match="transformer_impl=transformer_engine"):
+        build_vlm("qwen3-vl-tiny", fp8="e4m3")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="needs Transformer Engine"):
+            build_vlm("qwen3-vl-tiny", transformer_impl="transformer_engine")
