@@ -1,5 +1,6 @@
-"""Qwen3-VL conversion: HF -> megatron (written at PP=2, read back at TP=1 and TP=2) -> HF is bit-identical in the published layout and loads in transformers; verify_conversion agrees at TP=2; the
-family is recorded and detected; bad checkpoints fail with one line naming the mismatch."""
+"""Qwen3-VL conversion: HF -> megatron (written at PP=2, read back at TP=1 and TP=2) -> HF is bit-identical in
+the published layout and loads in transformers; verify_conversion agrees at TP=2; the family is recorded and detected;
+bad checkpoints fail with one line naming the mismatch."""
 
 from __future__ import annotations
 
@@ -101,6 +102,6 @@ def test_qwen25_weights_under_qwen3_preset_are_named(tmp_path):
     d = str(tmp_path / "hf25")
     make_hf_model(d)
     json.dump(tiny_qwen3_config().to_dict(), open(os.path.join(d, "config.json"), "w"))
-    with pytest.raises(ValueError, match=r"tensor 'visual\.patch_embed\.proj\.weight' has shape \[32, 3, 2, 14, 14\] but "
-                                         r"config.json implies \[32, 3, 2, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"tensor 'visual\.patch_embed\.proj\.weight' has shape "
+                                         r"\[32, 3, 2, 14, 14\] but config.json implies \[32, 3, 2, 16, 16\]"):
         hf_to_mcore(d, str(tmp_path / "out"))

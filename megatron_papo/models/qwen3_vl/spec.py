@@ -138,12 +138,14 @@ def spec_from_hf_config(cfg: dict, name: str = "hf") -> Qwen3VLSpec:
     spec = Qwen3VLSpec(
         name=name, num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
         num_heads=text["num_attention_heads"], num_kv_heads=text.get("num_key_value_heads") or
-        text["num_attention_heads"], head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+        text["num_attention_heads"],
+        head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
         intermediate_size=text["intermediate_size"], vocab_size=text["vocab_size"], tie_word_embeddings=tied,
         rms_eps=text.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 5e6))),
         mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
         max_position_embeddings=text.get("max_position_embeddings", 262144),
-        image_token_id=cfg.get("image_token_id", 151655), vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+        image_token_id=cfg.get("image_token_id", 151655),
+        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
         vision=Qwen3VisionSpec(
             depth=vis["depth"], hidden_size=vis["hidden_size"], num_heads=vis["num_heads"],
             intermediate_size=vis["intermediate_size"], out_hidden_size=vis["out_hidden_size"],
