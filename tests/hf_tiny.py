@@ -1,4 +1,5 @@
-"""A tiny random Hugging Face Qwen2.5-VL: the independent reference the model, conversion and rollout tests share."""
+"""Tiny random Hugging Face Qwen2.5-VL and Qwen3-VL models: the independent references the model, conversion and
+rollout tests share."""
 
 from __future__ import annotations
 

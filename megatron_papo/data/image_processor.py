@@ -1,12 +1,14 @@
-"""Qwen2-VL image preprocessing: the same ``pixel_values`` and ``image_grid_thw`` as Hugging Face's processor.
+"""Qwen2-VL image preprocessing (also Qwen3-VL's, with its patch and mean/std): the same ``pixel_values`` and
+``image_grid_thw`` as Hugging Face's processor.
 
 Pipeline per image (each step matches ``transformers``' PIL/numpy Qwen2-VL image processor bit for bit):
 RGB conversion (alpha composited on white) -> ``smart_resize`` to multiples of ``patch_size * merge_size``
 within [min_pixels, max_pixels] with PIL bicubic resampling on the uint8 image -> rescale by 1/255 (in float64,
-then float32) -> normalise with the CLIP mean/std in float32 -> the frame repeated ``temporal_patch_size`` times
--> patches flattened in merge-window order (2x2 neighbouring patches consecutive, as the vision merger expects).
+then float32) -> normalise with the mean/std in float32 (CLIP's by default; 0.5 / 0.5 for Qwen3-VL) -> the frame
+repeated ``temporal_patch_size`` times -> patches flattened in merge-window order (2x2 neighbouring patches consecutive, as the vision merger expects).
 
-Shapes: P = sum over images of grid_h * grid_w patches, D = 3 * temporal_patch_size * patch_size**2 (1176).
+Shapes: P = sum over images of grid_h * grid_w patches, D = 3 * temporal_patch_size * patch_size**2 (1176 at
+patch 14, 1536 at patch 16).
 """
 
 from __future__ import annotations
