@@ -29,7 +29,7 @@ class ParallelConfig:
 
 @dataclass
 class ModelConfig:
-    # size preset: tiny | qwen2.5-vl-3b | qwen2.5-vl-7b | qwen2.5-vl-32b | qwen2.5-vl-72b
+    # size preset: tiny | qwen2.5-vl-{3b,7b,32b,72b} | qwen3-vl-{2b,4b,8b,32b} | qwen3-vl-tiny (the family follows)
     preset: str = "tiny"
     # megatron dist checkpoint to initialise the policy from (e.g. the output of convert_checkpoint.py hf-to-mcore)
     load: Optional[str] = None
@@ -139,11 +139,11 @@ class AlgorithmConfig:
     dynamic_sampling_max_tries: int = 20
     # fraction of mask-grid cells blackened
     mask_ratio: float = 0.6
-    # mask cell size in raw-image pixels
-    mask_patch_size: int = 14
+    # mask cell size in raw-image pixels (null: the model family's patch, 14 px Qwen2.5-VL, 16 px Qwen3-VL)
+    mask_patch_size: Optional[int] = None
     # mask fill value (0: black)
     mask_fill: int = 0
-    # mask on the model's merged-patch grid (28 px for Qwen2.5-VL) instead of the raw pixel grid
+    # mask on the model's merged-patch grid (28 px Qwen2.5-VL, 32 px Qwen3-VL) instead of the raw pixel grid
     mask_on_merged_grid: bool = False
     # auxiliary views scored in the one no-grad pass: masked | blank | noise (null: the views the consumers read)
     views: Optional[list] = None
@@ -269,7 +269,8 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _CHOICES = {
-    "model.preset": ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b"),
+    "model.preset": ("tiny", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2.5-vl-32b", "qwen2.5-vl-72b",
+                     "qwen3-vl-tiny", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b"),
     "model.transformer_impl": ("local", "transformer_engine"),
     "model.fp8": (None, "e4m3", "hybrid"),
     "model.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
@@ -423,7 +424,7 @@ def validate(cfg: Config) -> None:
                 "training.prompts_per_step", "training.prompts_per_update", "training.micro_batch_size",
                 "training.ppo_epochs", "algorithm.mask_patch_size", "data.max_prompt_length"]
     for dotted in positive:
-        if _get(cfg, dotted) < 1:
+        if _get(cfg, dotted) is not None and _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted} must be >= 1, got {_get(cfg, dotted)}")
     nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.max_new_tokens", "rollout.top_k",
               "algorithm.beta", "algorithm.gamma", "algorithm.eta1", "algorithm.eta2", "optimizer.lr",

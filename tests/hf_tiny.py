@@ -1,4 +1,5 @@
-"""A tiny random Hugging Face Qwen2.5-VL: the independent reference the model, conversion and rollout tests share."""
+"""Tiny random Hugging Face Qwen2.5-VL and Qwen3-VL models: the independent references the model, conversion and
+rollout tests share."""
 
 from __future__ import annotations
 
@@ -32,4 +33,36 @@ def make_hf_model(out_dir: str, seed: int = 0, tied: bool = False):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(out_dir)
+    return model
+
+
+def tiny_qwen3_config(tied: bool = False, deepstack=(0, 1, 2)):
+    """A tiny Qwen3-VL: 4 LM layers, 3 deepstack mergers (after LM layers 0-2: a PP2 split falls among them)."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=256, rms_norm_eps=1e-6,
+                         max_position_embeddings=512, tie_word_embeddings=tied,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=list(deepstack)),
+        image_token_id=IMG, vision_start_token_id=VSTART, vision_end_token_id=VEND, video_token_id=VIDEO,
+        tie_word_embeddings=tied,
+    )
+
+
+def make_qwen3_model(out_dir: str | None, seed: int = 0, tied: bool = False, deepstack=(0, 1, 2)):
+    """A tiny random HF Qwen3-VL (fp32), saved as safetensors in out_dir when given."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(tiny_qwen3_config(tied, deepstack)).eval()
+    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
     return model

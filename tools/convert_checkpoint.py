@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Convert Qwen2.5-VL checkpoints between Hugging Face and megatron_papo (megatron dist checkpoint).
+"""Convert Qwen2.5-VL and Qwen3-VL checkpoints between Hugging Face and megatron_papo (megatron dist checkpoint).
 
   convert_checkpoint.py hf-to-mcore --hf DIR --out DIR [--tp N --pp M]
   convert_checkpoint.py mcore-to-hf --mcore DIR --out DIR
 
-hf-to-mcore writes with N*M CPU ranks (each holds one shard); the result loads at any TP x PP.
+hf-to-mcore reads the model family from config.json (model_type qwen2_5_vl or qwen3_vl) and records it in the
+output's metadata; it writes with N*M CPU ranks (each holds one shard); the result loads at any TP x PP.
+mcore-to-hf writes the family's published Hugging Face layout.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a Hugging Face Qwen2.5-VL and its converted megatron checkpoint on the same random image and text.
+"""Run a Hugging Face Qwen2.5-VL or Qwen3-VL and its converted megatron checkpoint on the same random image and text.
 
 Prints max_abs_logit_diff=<float> as the last line; exits 1 when it is above --tol.
 """

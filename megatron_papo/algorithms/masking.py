@@ -95,15 +95,18 @@ def resized_sizes_from_grid(image_grid_thw, patch_size: int = 14) -> list[tuple[
     return [(int(h) * patch_size, int(w) * patch_size) for _, h, w in np.asarray(image_grid_thw).tolist()]
 
 
-def masking_options(cfg, image_grid_thw=None, merged_cell: int = 28) -> dict:
+def masking_options(cfg, image_grid_thw=None, patch_size: int = 14, merge_size: int = 2) -> dict:
     """Keyword arguments for :func:`mask_prompt_images` from an ``AlgorithmConfig``.
 
-    With ``cfg.mask_on_merged_grid`` the cells are the model's merged patches (``merged_cell`` = 14 px * merge 2
-    for Qwen2.5-VL) on the processor-resized image, which needs that prompt's ``image_grid_thw``.
+    ``patch_size`` / ``merge_size``: the model family's (the image processor's): 14 / 2 for Qwen2.5-VL, 16 / 2 for
+    Qwen3-VL. Cells are ``cfg.mask_patch_size`` raw pixels, or the family's patch when it is unset. With
+    ``cfg.mask_on_merged_grid`` the cells are the model's merged patches (patch * merge: 28 px, 32 px) on the
+    processor-resized image, which needs that prompt's ``image_grid_thw``.
     """
-    opts = dict(patch_size=cfg.mask_patch_size, ratio=cfg.mask_ratio, fill=cfg.mask_fill)
+    opts = dict(patch_size=cfg.mask_patch_size or patch_size, ratio=cfg.mask_ratio, fill=cfg.mask_fill)
     if cfg.mask_on_merged_grid:
         if image_grid_thw is None:
             raise ValueError("algorithm.mask_on_merged_grid needs the prompt's image_grid_thw (from encode_prompt)")
-        opts.update(patch_size=merged_cell, target_sizes=resized_sizes_from_grid(image_grid_thw))
+        opts.update(patch_size=patch_size * merge_size,
+                    target_sizes=resized_sizes_from_grid(image_grid_thw, patch_size))
     return opts

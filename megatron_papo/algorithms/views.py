@@ -62,7 +62,7 @@ def _processed(processor, images: list, req: ViewRequest) -> ImageView:
 @register_view("masked")
 def masked_view(req: ViewRequest, cfg, processor) -> list:
     """PAPO's random patch blackening on the raw images (``algorithm.mask_*``)."""
-    opts = masking_options(cfg, req.image_grid_thw)
+    opts = masking_options(cfg, req.image_grid_thw, processor.patch_size, processor.merge_size)
     draw = lambda j: _processed(processor, mask_prompt_images(  # noqa: E731
         req.images, seed=req.seed, step=req.step, prompt_index=req.prompt_index, response_index=j, **opts), req)
     return _per_row(req, cfg, draw)

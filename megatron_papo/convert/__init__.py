@@ -1,4 +1,5 @@
-"""Hugging Face <-> megatron checkpoint conversion for Qwen2.5-VL (name map in mapping.py)."""
+"""Hugging Face <-> megatron checkpoint conversion for Qwen2.5-VL (name map in mapping.py) and Qwen3-VL (name map in
+models/qwen3_vl/mapping.py); the family comes from config.json or the checkpoint metadata."""
 
 from megatron_papo.convert.checkpoint import (
     fill_from_hf,

@@ -1,6 +1,7 @@
 """Megatron dist checkpoints of the VLM: HF -> mcore, mcore -> HF, and loading at any TP x PP.
 
-A converted directory holds `megatron_papo_model.json` (architecture, dtype, the HF config it came from) and
+A converted directory holds `megatron_papo_model.json` (model family, architecture, dtype, the HF config it came
+from; a file without `family` is a Qwen2.5-VL checkpoint from before there were two families) and
 `model/` (megatron.core.dist_checkpointing files of the model's sharded_state_dict, loadable at any layout).
 """
 
@@ -18,10 +19,11 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_papo.convert.hf_io import HFCheckpoint, open_hf_checkpoint, write_hf_checkpoint
 from megatron_papo.convert.launch import run_ranks
-from megatron_papo.convert.mapping import name_map, tp_shard, to_hf, to_mcore
+from megatron_papo.convert.mapping import tp_shard, to_hf, to_mcore
 from megatron_papo.models.configs import check_tp_divisibility
-from megatron_papo.models.presets import VisionSpec, VLMSpec
-from megatron_papo.models.vlm import Qwen25VLModel, build_vlm
+from megatron_papo.models.presets import VLMSpec
+from megatron_papo.models.registry import build_vlm, family_of_spec, get_family
+from megatron_papo.models.vlm import Qwen25VLModel
 
 META = "megatron_papo_model.json"
 MODEL_DIR = "model"
@@ -33,7 +35,8 @@ def write_checkpoint_meta(ckpt_dir: str, spec: VLMSpec, params_dtype: torch.dtyp
     os.makedirs(ckpt_dir, exist_ok=True)
     dtype = next(k for k, v in _DTYPES.items() if v == params_dtype)
     with open(os.path.join(ckpt_dir, META), "w") as f:
-        json.dump({"spec": dataclasses.asdict(spec), "params_dtype": dtype, "hf_config": hf_config}, f, indent=2)
+        json.dump({"family": family_of_spec(spec).name, "spec": dataclasses.asdict(spec), "params_dtype": dtype,
+                   "hf_config": hf_config}, f, indent=2)
 
 
 def read_checkpoint_meta(ckpt_dir: str) -> tuple[VLMSpec, torch.dtype, dict | None]:
@@ -43,9 +46,7 @@ def read_checkpoint_meta(ckpt_dir: str) -> tuple[VLMSpec, torch.dtype, dict | No
                                 "(make one with tools/convert_checkpoint.py hf-to-mcore)")
     with open(path) as f:
         meta = json.load(f)
-    s = dict(meta["spec"])
-    vision = VisionSpec(**{**s.pop("vision"), "fullatt_block_indexes": tuple(meta["spec"]["vision"]["fullatt_block_indexes"])})
-    spec = VLMSpec(**{**s, "mrope_section": tuple(s["mrope_section"]), "vision": vision})
+    spec = get_family(meta.get("family")).spec_from_dict(meta["spec"])
     return spec, _DTYPES[meta["params_dtype"]], meta.get("hf_config")
 
 
@@ -67,7 +68,7 @@ def _global_name(model: Qwen25VLModel, local: str) -> str:
 def fill_from_hf(model: Qwen25VLModel, ckpt: HFCheckpoint) -> None:
     """Copy this rank's shard of every parameter from an HF checkpoint (through the name map)."""
     spec = model.spec
-    entries = {e.mcore: e for e in name_map(spec)}
+    entries = {e.mcore: e for e in family_of_spec(spec).mapping().name_map(spec)}
     tp_rank, tp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     for local, param in model.named_parameters():
         name = _global_name(model, local)
@@ -127,7 +128,8 @@ def copy_side_files(src: str, dst: str) -> list[str]:
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> VLMSpec:
-    """Convert an HF Qwen2.5-VL directory into a megatron dist checkpoint, written by tp*pp ranks."""
+    """Convert an HF Qwen2.5-VL or Qwen3-VL directory (family read from config.json) into a megatron dist
+    checkpoint, written by tp*pp ranks."""
     cfg, spec, _ = open_hf_checkpoint(hf_dir)
     check_tp_divisibility(spec, tp)
     if spec.num_layers % pp:
@@ -169,11 +171,13 @@ def _export_rank(mcore_dir: str, out_dir: str) -> None:
     model = build_vlm(spec, params_dtype=dtype)
     load_vlm_checkpoint(model, mcore_dir)
     params = dict(model.named_parameters())
-    tensors = {}
-    for entry in name_map(spec):
+    family = family_of_spec(spec)
+    mapping, tensors = family.mapping(), {}
+    for entry in mapping.name_map(spec):
         for name, t in zip(entry.hf, to_hf(entry, params[entry.mcore].detach(), spec)):
-            tensors[name] = t.clone()
-    write_hf_checkpoint(out_dir, tensors, hf_config or hf_config_from_spec(spec, dtype))
+            tensors[mapping.hf_export_name(name)] = t.clone()
+    dtype_name = next(k for k, val in _DTYPES.items() if val == dtype)
+    write_hf_checkpoint(out_dir, tensors, hf_config or family.hf_config_from_spec(spec, dtype_name))
 
 
 def mcore_to_hf(mcore_dir: str, out_dir: str) -> None:

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_papo.convert.mapping import expected_hf_shapes, name_map, normalise_hf_name
-from megatron_papo.models.presets import VLMSpec, spec_from_hf_config
+from megatron_papo.convert.mapping import normalise_hf_name
+from megatron_papo.models.presets import VLMSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -64,12 +64,17 @@ class HFCheckpoint:
 
 
 def open_hf_checkpoint(hf_dir: str) -> tuple[dict, VLMSpec, HFCheckpoint]:
-    """Read and check a Qwen2.5-VL checkpoint: its config, the spec, and every tensor's presence and shape."""
+    """Read and check a Qwen2.5-VL or Qwen3-VL checkpoint (the family from config.json): its config, the spec, and
+    every tensor's presence and shape."""
+    from megatron_papo.models.registry import family_of_hf_config
+
     cfg = read_hf_config(hf_dir)
-    spec = spec_from_hf_config(cfg, name=os.path.basename(os.path.normpath(hf_dir)))
+    family = family_of_hf_config(cfg)
+    spec = family.spec_from_hf_config(cfg, name=os.path.basename(os.path.normpath(hf_dir)))
     ckpt = HFCheckpoint(hf_dir)
-    expected = expected_hf_shapes(spec)
-    for entry in name_map(spec):
+    mapping = family.mapping()
+    expected = mapping.expected_hf_shapes(spec)
+    for entry in mapping.name_map(spec):
         for name in entry.hf:
             if name not in ckpt._file:
                 raise ValueError(f"{hf_dir}: tensor '{name}' is missing from the checkpoint")

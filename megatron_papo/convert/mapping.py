@@ -91,6 +91,11 @@ def name_map(spec: VLMSpec) -> list[Entry]:
     return entries
 
 
+def hf_export_name(name: str) -> str:
+    """Names are written in the published Qwen2.5-VL layout, the one the map uses."""
+    return name
+
+
 def expected_hf_shapes(spec: VLMSpec) -> dict[str, tuple[int, ...]]:
     """Shape of every HF tensor the map reads, from the architecture alone (to check a checkpoint)."""
     v, h, hd = spec.vision, spec.hidden_size, spec.head_dim

@@ -13,7 +13,7 @@ def pipeline_logits(model, input_ids, **kwargs) -> torch.Tensor | None:
     from megatron.core import parallel_state as ps
 
     if not ps.is_pipeline_first_stage():
-        recv = torch.empty(input_ids.shape[1], input_ids.shape[0], model.spec.hidden_size,
+        recv = torch.empty(input_ids.shape[1], input_ids.shape[0], model.pipeline_hidden_size,
                            dtype=model.config.params_dtype)
         dist.recv(recv, ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(recv)
@@ -51,14 +51,16 @@ def _rank_logits(mcore_dir: str, inputs: dict):
 @torch.no_grad()
 def max_abs_logit_diff(hf_dir: str, mcore_dir: str, tp: int = 1, pp: int = 1, seed: int = 0) -> float:
     """Largest |logit difference| between transformers (fp32) and our model at tp x pp on one random input."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     from megatron_papo.convert.checkpoint import read_checkpoint_meta
     from megatron_papo.convert.launch import run_ranks
+    from megatron_papo.models.registry import family_of_spec
 
     spec, _, _ = read_checkpoint_meta(mcore_dir)
     inputs = random_inputs(spec, seed)
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf_class = getattr(transformers, family_of_spec(spec).hf_architecture)
+    hf = hf_class.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = inputs["input_ids"]
     ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
              image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == spec.image_token_id).int()).logits

@@ -1,12 +1,14 @@
-"""Qwen2-VL image preprocessing: the same ``pixel_values`` and ``image_grid_thw`` as Hugging Face's processor.
+"""Qwen2-VL image preprocessing (also Qwen3-VL's, with its patch and mean/std): the same ``pixel_values`` and
+``image_grid_thw`` as Hugging Face's processor.
 
 Pipeline per image (each step matches ``transformers``' PIL/numpy Qwen2-VL image processor bit for bit):
 RGB conversion (alpha composited on white) -> ``smart_resize`` to multiples of ``patch_size * merge_size``
 within [min_pixels, max_pixels] with PIL bicubic resampling on the uint8 image -> rescale by 1/255 (in float64,
-then float32) -> normalise with the CLIP mean/std in float32 -> the frame repeated ``temporal_patch_size`` times
--> patches flattened in merge-window order (2x2 neighbouring patches consecutive, as the vision merger expects).
+then float32) -> normalise with the mean/std in float32 (CLIP's by default; 0.5 / 0.5 for Qwen3-VL) -> the frame
+repeated ``temporal_patch_size`` times -> patches flattened in merge-window order (2x2 neighbouring patches consecutive, as the vision merger expects).
 
-Shapes: P = sum over images of grid_h * grid_w patches, D = 3 * temporal_patch_size * patch_size**2 (1176).
+Shapes: P = sum over images of grid_h * grid_w patches, D = 3 * temporal_patch_size * patch_size**2 (1176 at
+patch 14, 1536 at patch 16).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Qwen2VLImageProcessor:
     """
 
     def __init__(self, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, patch_size: int = 14,
-                 temporal_patch_size: int = 2, merge_size: int = 2):
+                 temporal_patch_size: int = 2, merge_size: int = 2, image_mean=CLIP_MEAN, image_std=CLIP_STD):
         factor = patch_size * merge_size
         if min_pixels <= 0 or max_pixels < min_pixels:
             raise ValueError(f"image pixels: need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, "
@@ -74,8 +76,8 @@ class Qwen2VLImageProcessor:
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.merge_size = merge_size
-        self._mean = np.array(CLIP_MEAN, dtype=np.float32)
-        self._std = np.array(CLIP_STD, dtype=np.float32)
+        self._mean = np.array(image_mean, dtype=np.float32)
+        self._std = np.array(image_std, dtype=np.float32)
 
     @property
     def patch_dim(self) -> int:

@@ -1,8 +1,15 @@
 """Tokenizers: a small sentencepiece model trained for the demo, and Qwen2.5-VL's Hugging Face tokenizer files.
 
 Both expose the same surface (``vocab_size``, ``eos_id``, ``pad_id``, ``image_token_id``, ``vision_start_id``,
-``vision_end_id``, ``stop_ids``, ``encode``, ``decode``, ``chat_prompt``) so the model, rollout and trainer never
-ask which one they have. Special tokens written in text (``<|im_start|>``, ``<|image_pad|>``, ``<think>``...)
+``vision_end_id``, ``stop_ids``, ``encode``, ``decode``, ``chat_prompt``, ``response_prefix``, ``response_text``)
+so the model, rollout and trainer never ask which one they have.
+
+``<think>``: a Hugging Face checkpoint's own chat template decides. Qwen3-VL Thinking templates end the generation
+prompt with ``<think>\n``, so the model's response starts inside the reasoning; ``response_prefix`` is that text
+(read from the template) and ``response_text`` prepends it, so rewards see ``<think>...</think>...`` either way.
+Instruct templates (Qwen2.5-VL, Qwen3-VL Instruct) open no think block: ``response_prefix`` is empty and the
+PAPO instruction asks the model to write the tags itself (in Qwen3-VL Instruct they are ordinary added tokens,
+one id each, kept by ``decode``). Special tokens written in text (``<|im_start|>``, ``<|image_pad|>``, ``<think>``...)
 encode to their single ids.
 """
 
@@ -96,6 +103,13 @@ class SentencePieceTokenizer:
     def chat_prompt(self, question: str, num_images: int) -> str:
         return qwen_chat_prompt(question, num_images)
 
+    # the demo template opens no think block
+    response_prefix = ""
+
+    def response_text(self, ids: Sequence[int]) -> str:
+        """A response as the reward reads it."""
+        return self.response_prefix + self.decode(ids)
+
 
 def _train_spm(spm, corpus: list[str], proto: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
@@ -131,6 +145,9 @@ class HFTokenizer:
         self.image_token_id, self.vision_start_id, self.vision_end_id = vocab[IMAGE_PAD], vocab[VISION_START], \
             vocab[VISION_END]
         self.stop_ids = sorted({self.eos_id, vocab.get(ENDOFTEXT, self.eos_id)})
+        opener = f"{IM_START}assistant\n"
+        # what the template writes after the assistant opener: "<think>\n" for thinking checkpoints, else ""
+        self.response_prefix = self.chat_prompt("", 0).rpartition(opener)[2]
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
@@ -144,6 +161,10 @@ class HFTokenizer:
         content = [{"type": "image"}] * num_images + [{"type": "text", "text": papo_user_text(question)}]
         return self._tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
+
+    def response_text(self, ids: Sequence[int]) -> str:
+        """A response as the reward reads it: the template's think opener (if any), then the decoded tokens."""
+        return self.response_prefix + self.decode(ids)
 
 
 def default_cache_dir() -> Path:

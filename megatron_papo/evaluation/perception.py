@@ -31,9 +31,12 @@ from megatron_papo.training.sequences import Rows, pack, pair, run_schedule, seq
 MASK_STEP = 0  # the "RL step" of evaluation masks: masks depend on (seed, question index) only
 
 
-def masked_images(images: list, settings, index: int) -> list:
+def masked_images(images: list, settings, index: int, patch_size: int = 14) -> list:
+    """The training mask of question ``index``; cells of ``settings.mask_patch_size`` raw pixels, or the model
+    family's ``patch_size`` (the image processor's) when unset."""
     return mask_prompt_images(images, seed=settings.seed, step=MASK_STEP, prompt_index=index,
-                              patch_size=settings.mask_patch_size, ratio=settings.mask_ratio, fill=settings.mask_fill)
+                              patch_size=settings.mask_patch_size or patch_size, ratio=settings.mask_ratio,
+                              fill=settings.mask_fill)
 
 
 def blank_images(images: list) -> list:

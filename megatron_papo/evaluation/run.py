@@ -93,7 +93,7 @@ def _answer_batch(engine, model, tokenizer, processor, batch: list, settings) ->
     records = [_record(q, settings.k, settings.perception) for q in batch]
     _grade(out, batch, tokenizer, records, "correct", settings.k, details=True)
     if settings.perception:
-        masked = [view_prompt(p, masked_images(im, settings, q["index"]), processor)
+        masked = [view_prompt(p, masked_images(im, settings, q["index"], processor.patch_size), processor)
                   for p, im, q in zip(prompts, images, batch)]
         blank = [view_prompt(p, blank_images(im), processor) for p, im in zip(prompts, images)]
         _grade(gen(masked), batch, tokenizer, records, "correct_masked", settings.k)
@@ -113,7 +113,7 @@ def _record(q: dict, k: int, perception: bool) -> dict:
 def _grade(out, batch: list, tokenizer, records: list, key: str, k: int, details: bool = False) -> None:
     for i in range(len(out)):
         q, rec = batch[i // k], records[i // k]
-        text = tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
+        text = tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist())
         score = get_reward(q.get("reward"))(text, q["answer"])
         rec[key] += int(score["accuracy"] > 0.5)
         if details:

@@ -22,7 +22,7 @@ class EvalSettings:
     seed: int = 0                               # sampling streams and masks, keyed by question index
     perception: bool = False                    # also answer with the masked and the blank image, and the KL
     mask_ratio: float = 0.6                     # PAPO random-patch mask: share of cells blackened
-    mask_patch_size: int = 14                   # ... cell size in pixels of the raw image
+    mask_patch_size: Optional[int] = None       # ... cell size in raw-image pixels (None: the family's patch)
     mask_fill: int = 0                          # ... value of a blackened cell
     min_pixels: Optional[int] = None            # the processor's range (None: the checkpoint's data config)
     max_pixels: Optional[int] = None

@@ -1,16 +1,24 @@
-"""Qwen2.5-VL on megatron-core: presets, layer specs, the vision tower and the VLM composition.
+"""Vision-language models on megatron-core: two families (Qwen2.5-VL, Qwen3-VL) behind one registry.
 
     model = build_vlm("tiny", vocab_size=tok.vocab_size, image_token_id=tok.image_token_id,
                       vision_start_token_id=tok.vision_start_id)
     logits = model(input_ids, pixel_values=pv, image_grid_thw=grid)   # [b, s, V/tp] on the last stage
+
+``build_vlm``, ``get_preset`` and ``spec_from_hf_config`` accept either family (``models.registry``).
 """
 
-from megatron_papo.models.presets import PRESETS, VisionSpec, VLMSpec, get_preset, spec_from_hf_config
+from megatron_papo.models.presets import VisionSpec, VLMSpec
 from megatron_papo.models.rope_index import get_rope_index
 from megatron_papo.models.specs import local_layer_spec
-from megatron_papo.models.vlm import Qwen25VLModel, build_vlm, padded_vocab_size
+from megatron_papo.models.vlm import Qwen25VLModel, padded_vocab_size
+from megatron_papo.models.registry import (  # noqa: E402  (the registry imports the families above)
+    all_presets, build_vlm, family_of_preset, family_of_spec, get_family, get_preset, spec_from_hf_config,
+)
+
+PRESETS = all_presets()
 
 __all__ = [
-    "PRESETS", "Qwen25VLModel", "VLMSpec", "VisionSpec", "build_vlm", "get_preset", "get_rope_index",
-    "local_layer_spec", "padded_vocab_size", "spec_from_hf_config",
+    "PRESETS", "Qwen25VLModel", "VLMSpec", "VisionSpec", "all_presets", "build_vlm", "family_of_preset",
+    "family_of_spec", "get_family", "get_preset", "get_rope_index", "local_layer_spec", "padded_vocab_size",
+    "spec_from_hf_config",
 ]

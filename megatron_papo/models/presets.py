@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class VisionSpec:
 
 @dataclass(frozen=True)
 class VLMSpec:
+    family: ClassVar[str] = "qwen2.5-vl"
     name: str
     num_layers: int
     hidden_size: int

@@ -65,6 +65,11 @@ class Qwen25VLModel(MegatronModule):
         """megatron's ``finalize_model_grads`` sums tied embedding gradients of the first and last stages."""
         return self.language_model.share_embeddings_and_output_weights
 
+    @property
+    def pipeline_hidden_size(self) -> int:
+        """Width of the activation one pipeline stage sends the next."""
+        return self.spec.hidden_size
+
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 

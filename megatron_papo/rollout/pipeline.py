@@ -68,7 +68,8 @@ class Stages:
         if cfg.sequence_parallel:
             raise ValueError("generation with sequence_parallel=True is not supported; the engine runs "
                              "without it (parallel.sequence_parallel only changes training)")
-        self.hidden_size = cfg.hidden_size
+        # hidden states, plus whatever the model family sends along (Qwen3-VL: DeepStack features across a split)
+        self.hidden_size = self.model.pipeline_hidden_size
         self.dtype = cfg.params_dtype
         self.device = next(self.model.parameters()).device  # the engine's bookkeeping stays on the CPU
         self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from megatron_papo.config import Config
-from megatron_papo.models import get_preset, padded_vocab_size
+from megatron_papo.models import family_of_preset, get_preset, padded_vocab_size
 from megatron_papo.platform import check_layout
 
 
@@ -33,6 +33,11 @@ def _vision(spec, tp: int) -> float:
     return v.depth * block + 3 * v.temporal_patch_size * v.patch_size ** 2 * vh + merger
 
 
+def qwen25_param_counts(spec, tp: int) -> tuple[float, float]:
+    """(one language layer, the vision tower) per rank for Qwen2.5-VL (Qwen3-VL: models.qwen3_vl.counts)."""
+    return _lm_layer(spec, tp), _vision(spec, tp)
+
+
 def params_per_stage(cfg: Config) -> list[int]:
     """Parameters held by one rank of each pipeline stage (TP-sharded), first stage first."""
     spec = get_preset(cfg.model.preset)
@@ -44,11 +49,12 @@ def params_per_stage(cfg: Config) -> list[int]:
         raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide the {spec.num_heads} attention "
                          f"heads of {cfg.model.preset}")
     vocab = padded_vocab_size(spec.vocab_size) * spec.hidden_size / tp
+    layer, vision = family_of_preset(cfg.model.preset).param_counts(spec, tp)
     stages = []
     for s in range(pp):
-        n = spec.num_layers // pp * _lm_layer(spec, tp)
+        n = spec.num_layers // pp * layer
         if s == 0:
-            n += vocab + _vision(spec, tp)
+            n += vocab + vision
         if s == pp - 1:
             n += spec.hidden_size + (vocab if (not spec.tie_word_embeddings or pp > 1) else 0)
         stages.append(int(n))

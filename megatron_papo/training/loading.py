@@ -23,7 +23,7 @@ CONVERTED_META = "megatron_papo_model.json"
 class InferenceModel:
     model: object        # eval-mode Qwen25VLModel (this rank's part)
     tokenizer: object
-    processor: object    # Qwen2VLImageProcessor
+    processor: object    # the model family's image processor (Qwen2VLImageProcessor with its patch, mean/std)
     seed: int            # the run's seed (0 for converted checkpoints)
     path: Path           # the directory actually loaded
 
@@ -81,21 +81,23 @@ def is_converted(p: Path) -> bool:
 
 def load_for_inference(path: str) -> InferenceModel:
     """Build this rank's model from either checkpoint form and load its weights (parallel state initialised)."""
-    from megatron_papo.data import Qwen2VLImageProcessor, build_tokenizer
+    from megatron_papo.data import build_tokenizer
+    from megatron_papo.models import family_of_preset, family_of_spec
 
     p = resolve_checkpoint(path)
     if is_converted(p):
         from megatron_papo.convert import load_vlm
 
         data = DataConfig()
-        processor = Qwen2VLImageProcessor(min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-        return InferenceModel(load_vlm(str(p)).eval(), converted_tokenizer(p), processor, 0, p)
+        model = load_vlm(str(p)).eval()
+        processor = family_of_spec(model.spec).image_processor(data.min_pixels, data.max_pixels)
+        return InferenceModel(model, converted_tokenizer(p), processor, 0, p)
     from megatron_papo.training.checkpoint import load_checkpoint
     from megatron_papo.training.trainer import build_model
 
     cfg = checkpoint_config(p)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    processor = Qwen2VLImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    processor = family_of_preset(cfg.model.preset).image_processor(cfg.data.min_pixels, cfg.data.max_pixels)
     model = build_model(cfg, tokenizer, trainable=False)
     load_checkpoint(p, [model])
     return InferenceModel(model, tokenizer, processor, cfg.training.seed, p)

@@ -103,7 +103,7 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
     scores = []
     for i in range(len(out)):
         s = samples[i // n]
-        text = ctx.tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
+        text = ctx.tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist())
         scores.append(get_reward(s.get("reward"))(text, s["answer"]))
     rows = Rows([prompts[i // n].input_ids for i in range(len(out))], out.response_ids, out.response_mask.bool(),
                 [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],

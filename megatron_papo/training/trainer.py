@@ -30,8 +30,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def build_data(cfg: Config):
     """(tokenizer, image processor, reader) for this DP rank; synthetic shards are made first if asked."""
-    from megatron_papo.data import (PromptEncoder, Qwen2VLImageProcessor, ShardReader, build_tokenizer,
-                                    ensure_synthetic_shards, resolve_shards)
+    from megatron_papo.data import PromptEncoder, ShardReader, build_tokenizer, ensure_synthetic_shards, resolve_shards
+    from megatron_papo.models import family_of_preset
 
     d = cfg.data
     if d.synthetic_if_missing:
@@ -41,7 +41,7 @@ def build_data(cfg: Config):
             dist.barrier()
     resolve_shards(d.train_shards)
     tokenizer = build_tokenizer(d.tokenizer)
-    processor = Qwen2VLImageProcessor(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    processor = family_of_preset(cfg.model.preset).image_processor(d.min_pixels, d.max_pixels)  # patch, mean/std
     reader = ShardReader(d.train_shards, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size(), cfg.training.seed, d.shuffle_buffer,
                          d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length))
@@ -54,7 +54,7 @@ def model_spec(cfg: Config, tokenizer):
     than the checkpoint's padded vocabulary), checked against the preset and the tokenizer."""
     import dataclasses
 
-    from megatron_papo.models import get_preset
+    from megatron_papo.models import family_of_preset, family_of_spec, get_preset
 
     m = cfg.model
     preset = get_preset(m.preset)
@@ -64,6 +64,10 @@ def model_spec(cfg: Config, tokenizer):
     from megatron_papo.convert import read_checkpoint_meta
 
     spec, _, _ = read_checkpoint_meta(m.load)
+    have, want = family_of_spec(spec).name, family_of_preset(m.preset).name
+    if have != want:
+        raise ValueError(f"model.preset {m.preset} is a {want} model but the checkpoint at model.load holds {have} "
+                         f"weights; set model.preset to the checkpoint's {have} size")
     if (spec.hidden_size, spec.num_layers) != (preset.hidden_size, preset.num_layers):
         raise ValueError(f"model.preset {m.preset} (hidden {preset.hidden_size}, {preset.num_layers} layers) does "
                          f"not match the checkpoint at model.load (hidden {spec.hidden_size}, {spec.num_layers} "
