@@ -249,6 +249,8 @@ def test_pg_mask_filters_the_policy_gradient_but_not_the_mean():
 class _Processor:
     """Deterministic stand-in with the real processor's contract: pixels -> ([P, D], grid [k, 3])."""
 
+    patch_size, merge_size = 14, 2
+
     def __call__(self, images):
         arrs = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
         pv = torch.cat([torch.from_numpy(a).reshape(-1, 12) for a in arrs])
