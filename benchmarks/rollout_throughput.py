@@ -1,17 +1,26 @@
 """Rollout throughput: megatron_papo's engine against transformers ``generate`` on the same weights (CPU).
 
-Both generate the same number of tokens from the same prompts: ``--prompts`` prompts of ``--prompt-len`` tokens,
-``--n`` samples each (batch = prompts * n rows, the GRPO rollout shape), ``--new-tokens`` new tokens per row
-(EOS disabled so every row runs to the end), multinomial sampling at temperature 1. transformers expands each
-prompt to its n rows before prefill (``num_return_sequences``); the engine prefills each prompt once and copies
-its KV cache to the n rows. ``--n 1 --prompts 32`` measures plain batched decoding instead.
+Workloads (``--workloads``), each timed on both sides, interleaved (HF, engine, HF, ...), median of ``--repeats``:
 
-Model: a Qwen2.5-VL with a ~60M-parameter language model (hidden 512, 8 layers, vocab 32000; ~250 MB fp32),
+- ``shared``: ``--prompts`` prompts of ``--prompt-len`` tokens, ``--n`` samples each (the GRPO rollout shape),
+  ``--new-tokens`` per row (EOS disabled so every row runs to the end), multinomial sampling at temperature 1.
+  transformers expands each prompt to its n rows before prefill (``num_return_sequences``); the engine prefills
+  each prompt once and shares its KV cache with the n rows. Its ratio is the headline.
+- ``single``: prompts * n distinct prompts, n = 1: plain batched decoding.
+- ``tail``: the shared shape with responses that end at log-normal lengths (``--tail-median``, ``--tail-sigma``,
+  capped at ``--tail-new-tokens``), as if each row sampled EOS there; transformers keeps finished rows in its
+  batch until the longest is done, the engine drops them. Also prints the share of computed decode rows that
+  were already finished (static batch vs the engine).
+
+``--profile`` first prints where a decode step's CPU time goes (``rollout_profile.py``), with plain and with
+prepacked matmuls.
+
+Model: a Qwen2.5-VL with a ~55M-parameter language model (hidden 512, 8 layers, vocab 32000; ~210 MB fp32),
 random weights, saved by transformers and loaded into the megatron model with megatron_papo.convert.
 Both sides run with the same ``torch.set_num_threads(--threads)`` (default 1: on a shared 2-core machine a
 2-thread parallel region waits for whichever thread was preempted, which swamps the small decode matmuls of
-either side). The timed runs alternate HF, engine, HF, ... and each side reports the median of ``--repeats``.
-Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` (of the medians).
+either side). Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` of the first
+workload (the medians).
 """
 
 from __future__ import annotations
@@ -156,13 +165,17 @@ def _run_hf_tail(model, ids, args, lengths) -> float:
 def _measure(hf, engine, args, name, lengths=None):
     """Interleaved timed runs (HF, engine, HF, ...); returns one table entry."""
     ids = _prompts(args)
-    runs = []
+    runs, cpu = [], []
     for _ in range(args.repeats):
+        c0 = time.process_time()
         t_hf = _run_hf(hf, ids, args) if lengths is None else _run_hf_tail(hf, ids, args, lengths)
+        c1 = time.process_time()
         runs.append((t_hf, _run_engine(engine, ids, args, lengths)))
+        cpu.append((c1 - c0, time.process_time() - c1))
     tokens = int(lengths.sum()) if lengths is not None else args.prompts * args.n * args.new_tokens
     return dict(name=name, args=args, runs=runs, tokens=tokens, lengths=lengths,
-                medians=[statistics.median(r[i] for r in runs) for i in (0, 1)])
+                medians=[statistics.median(r[i] for r in runs) for i in (0, 1)],
+                cpu=[statistics.median(r[i] for r in cpu) for i in (0, 1)])
 
 
 def _tail_waste(engine, ids, args, lengths) -> tuple[float, float]:
@@ -201,7 +214,10 @@ def _print_profile(engine, ids, args):
 
 
 def _print_table(entries, args):
-    print(f"{'workload':<44}{'backend':<24}{'seconds':>9}{'tokens':>8}{'tokens/s':>10}{'ratio':>7}   runs (s)")
+    """Wall-clock seconds and ratio (the headline), and CPU seconds of this process and their ratio (less
+    inflated by other processes on a shared machine)."""
+    print(f"{'workload':<30}{'backend':<23}{'seconds':>8}{'tokens':>7}{'tokens/s':>9}{'ratio':>7}"
+          f"{'cpu s':>7}{'cpu ratio':>10}   runs (s)")
     for e in entries:
         a = e["args"]
         label = f"{e['name']}: {a.prompts} x n={a.n}"
@@ -209,8 +225,9 @@ def _print_table(entries, args):
             t = e["medians"][i]
             each = " ".join(f"{r[i]:.2f}" for r in e["runs"])
             ratio = f"{e['medians'][0] / e['medians'][1]:.2f}x" if i else ""
-            print(f"{label if i == 0 else '':<44}{backend:<24}{t:>9.2f}{e['tokens']:>8d}{e['tokens'] / t:>10.1f}"
-                  f"{ratio:>7}   {each}")
+            cpu_ratio = f"{e['cpu'][0] / e['cpu'][1]:.2f}x" if i else ""
+            print(f"{label if i == 0 else '':<30}{backend:<23}{t:>8.2f}{e['tokens']:>7d}{e['tokens'] / t:>9.1f}"
+                  f"{ratio:>7}{e['cpu'][i]:>7.2f}{cpu_ratio:>10}   {each}")
 
 
 def main() -> None:
