@@ -1,6 +1,7 @@
 """Rollout speed work keeps outputs: sampled and greedy tokens pinned from the engine before the prepacked
 matmuls (same seed, same tokens, with and without them), the prepacked matmul against a float64 reference, the
-decode-step profiler's accounting, and the CUDA-graph batch buckets (plain Python, tested on CPU).
+decode-step profiler's accounting, prompts without padding (no prefix mask) against megatron's own cache path, and
+the CUDA-graph batch buckets (plain Python, tested on CPU).
 
 Greedy equality with transformers and log-probs against a teacher-forced forward at TP1/TP2/PP2 are in
 tests/test_rollout.py, which runs with the prepacked matmuls on (the engine's default).
@@ -65,6 +66,11 @@ def _body(rank, world_size, hf_dir, prompts_raw):
         s, g = engine.generate(prompts, 3, sampled, seed=11), engine.generate(prompts, 2, greedy, seed=0)
         out[packed] = dict(s=s.response_ids.tolist(), sl=s.lengths.tolist(), slp=s.logprobs.tolist(),
                            g=g.response_ids.tolist(), gl=g.lengths.tolist())
+    same_len = [prompts[0], PromptInputs(prompts[2].input_ids[:7], None, None)]  # no left padding: no mask
+    fast, plain = (MegatronEngine(model, max_seq_len=40, eos_ids=[]) for _ in range(2))
+    plain.shared_cache = False  # megatron's own static cache, prompt rows copied to their samples
+    out["unpadded"] = [(o.response_ids.tolist(), o.logprobs.tolist())
+                       for o in (e.generate(same_len, 3, sampled, seed=5) for e in (fast, plain))]
     linears = [m for m in model.modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
     out["restored"] = not any("_forward_impl" in vars(m) for m in linears)
     engine = MegatronEngine(model, max_seq_len=40, eos_ids=[])
@@ -95,6 +101,12 @@ def test_prepacked_log_probs_equal_plain_ones(results):
     torch.testing.assert_close(torch.tensor(results[True]["slp"]), torch.tensor(results[False]["slp"]),
                                atol=1e-5, rtol=1e-5)
     assert results["restored"], "the layers' matmul hook must be restored after generate"
+
+
+def test_unpadded_prompts_equal_megatron_cache_path(results):
+    (fast_ids, fast_lp), (plain_ids, plain_lp) = results["unpadded"]
+    assert fast_ids == plain_ids
+    torch.testing.assert_close(torch.tensor(fast_lp), torch.tensor(plain_lp), atol=1e-5, rtol=1e-5)
 
 
 def test_decode_profile_accounts_every_step(results):
