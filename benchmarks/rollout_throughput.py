@@ -1,17 +1,26 @@
 """Rollout throughput: megatron_papo's engine against transformers ``generate`` on the same weights (CPU).
 
-Both generate the same number of tokens from the same prompts: ``--prompts`` prompts of ``--prompt-len`` tokens,
-``--n`` samples each (batch = prompts * n rows, the GRPO rollout shape), ``--new-tokens`` new tokens per row
-(EOS disabled so every row runs to the end), multinomial sampling at temperature 1. transformers expands each
-prompt to its n rows before prefill (``num_return_sequences``); the engine prefills each prompt once and copies
-its KV cache to the n rows. ``--n 1 --prompts 32`` measures plain batched decoding instead.
+Workloads (``--workloads``), each timed on both sides, interleaved (HF, engine, HF, ...), median of ``--repeats``:
 
-Model: a Qwen2.5-VL with a ~60M-parameter language model (hidden 512, 8 layers, vocab 32000; ~250 MB fp32),
+- ``shared``: ``--prompts`` prompts of ``--prompt-len`` tokens, ``--n`` samples each (the GRPO rollout shape),
+  ``--new-tokens`` per row (EOS disabled so every row runs to the end), multinomial sampling at temperature 1.
+  transformers expands each prompt to its n rows before prefill (``num_return_sequences``); the engine prefills
+  each prompt once and shares its KV cache with the n rows. Its ratio is the headline.
+- ``single``: prompts * n distinct prompts, n = 1: plain batched decoding.
+- ``tail``: the shared shape with responses that end at log-normal lengths (``--tail-median``, ``--tail-sigma``,
+  capped at ``--tail-new-tokens``), as if each row sampled EOS there; transformers keeps finished rows in its
+  batch until the longest is done, the engine drops them. Also prints the share of computed decode rows that
+  were already finished (static batch vs the engine).
+
+``--profile`` first prints where a decode step's CPU time goes (``rollout_profile.py``), with plain and with
+prepacked matmuls.
+
+Model: a Qwen2.5-VL with a ~55M-parameter language model (hidden 512, 8 layers, vocab 32000; ~210 MB fp32),
 random weights, saved by transformers and loaded into the megatron model with megatron_papo.convert.
 Both sides run with the same ``torch.set_num_threads(--threads)`` (default 1: on a shared 2-core machine a
 2-thread parallel region waits for whichever thread was preempted, which swamps the small decode matmuls of
-either side). The timed runs alternate HF, engine, HF, ... and each side reports the median of ``--repeats``.
-Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` (of the medians).
+either side). Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` of the first
+workload (the medians).
 """
 
 from __future__ import annotations
@@ -75,21 +84,155 @@ def _engine(hf_dir: str):
     return MegatronEngine(model, max_seq_len=4096, eos_ids=[], pad_id=0)
 
 
-def _run_engine(engine, ids, args) -> float:
+def _run_engine(engine, ids, args, lengths=None) -> float:
     from megatron_papo.data.prompts import PromptInputs
     from megatron_papo.rollout import SamplingParams
 
     prompts = [PromptInputs(row.clone(), None, None) for row in ids]
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, args.n, SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens), seed=0)
+    with _row_budgets(engine, lengths):
+        out = engine.generate(prompts, args.n, params, seed=0)
     dt = time.perf_counter() - t0
-    assert out.response_ids.shape == (ids.shape[0] * args.n, args.new_tokens), out.response_ids.shape
+    want = lengths if lengths is not None else torch.full((ids.shape[0] * args.n,), args.new_tokens)
+    assert torch.equal(out.lengths, want), (out.lengths, want)
     return dt
+
+
+class _RowBudgets:
+    """Long-tail mix: row r finishes after lengths[r] tokens (as if it sampled EOS there); counts the rows each
+    decode forward computes."""
+
+    def __init__(self, engine, lengths):
+        self.engine, self.lengths, self.row_steps = engine, lengths, 0
+
+    def __enter__(self):
+        layout, forward = self.engine._layout, self.engine.stages.forward
+
+        def budgeted(prompts, n, max_new):
+            batch = layout(prompts, n, max_new)
+            batch.limits = self.lengths.clone()
+            return batch
+
+        def counted(ids, *a, prefill, **k):
+            self.row_steps += 0 if prefill else ids.shape[0]
+            return forward(ids, *a, prefill=prefill, **k)
+
+        if self.lengths is not None:
+            self.engine._layout = budgeted
+        self.engine.stages.forward = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.__dict__.pop("_layout", None)
+        del self.engine.stages.forward
+
+
+def _row_budgets(engine, lengths):
+    return _RowBudgets(engine, lengths)
+
+
+def _tail_lengths(args) -> torch.Tensor:
+    """Response lengths [P*n]: log-normal around --tail-median tokens, capped at --new-tokens (RL responses)."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(args.prompts * args.n, generator=g)
+    return (args.tail_median * torch.exp(args.tail_sigma * z)).round().long().clamp(1, args.new_tokens)
+
+
+def _row_stopper(lengths, prompt_len):
+    """transformers: row r stops after lengths[r] new tokens (it then pads, still computed in the batch)."""
+    from transformers import StoppingCriteria
+
+    class RowStopper(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids.shape[1] - prompt_len >= lengths
+
+    return RowStopper()
+
+
+@torch.no_grad()
+def _run_hf_tail(model, ids, args, lengths) -> float:
+    from transformers import StoppingCriteriaList
+
+    stop = StoppingCriteriaList([_row_stopper(lengths, ids.shape[1])])
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                   top_p=1.0, top_k=0, num_return_sequences=args.n, max_new_tokens=args.new_tokens,
+                   eos_token_id=None, pad_token_id=0, stopping_criteria=stop)
+    return time.perf_counter() - t0
+
+
+def _measure(hf, engine, args, name, lengths=None):
+    """Interleaved timed runs (HF, engine, HF, ...); returns one table entry."""
+    ids = _prompts(args)
+    runs, cpu = [], []
+    for _ in range(args.repeats):
+        c0 = time.process_time()
+        t_hf = _run_hf(hf, ids, args) if lengths is None else _run_hf_tail(hf, ids, args, lengths)
+        c1 = time.process_time()
+        runs.append((t_hf, _run_engine(engine, ids, args, lengths)))
+        cpu.append((c1 - c0, time.process_time() - c1))
+    tokens = int(lengths.sum()) if lengths is not None else args.prompts * args.n * args.new_tokens
+    return dict(name=name, args=args, runs=runs, tokens=tokens, lengths=lengths,
+                medians=[statistics.median(r[i] for r in runs) for i in (0, 1)],
+                cpu=[statistics.median(r[i] for r in cpu) for i in (0, 1)])
+
+
+def _tail_waste(engine, ids, args, lengths) -> tuple[float, float]:
+    """Share of computed decode rows that were already finished: (static batch, the engine's compaction)."""
+    static = len(lengths) * (int(lengths.max()) - 1)  # decode forwards: every row until the longest is done
+    needed = int((lengths - 1).sum())
+    with _row_budgets(engine, lengths) as counter:
+        from megatron_papo.data.prompts import PromptInputs
+        from megatron_papo.rollout import SamplingParams
+
+        engine.generate([PromptInputs(r.clone(), None, None) for r in ids], args.n,
+                        SamplingParams(max_new_tokens=args.new_tokens), seed=0)
+    return 1 - needed / static, 1 - needed / counter.row_steps
+
+
+def _print_profile(engine, ids, args):
+    from rollout_profile import profile_decode
+
+    short = argparse.Namespace(**{**vars(args), "new_tokens": min(args.new_tokens, 24)})
+    results = {}
+    for packed in (False, True):
+        engine.packed_weights = packed
+        with profile_decode(engine) as prof:
+            _run_engine(engine, ids, short)
+        results[packed] = prof
+    engine.packed_weights = True
+    print(f"decode step profile (n={args.n}, batch {args.prompts * args.n}, {short.new_tokens} steps; exclusive "
+          f"CPU ms per step, share):")
+    print(f"  {'part':<56}{'plain matmuls':>18}{'prepacked':>18}")
+    before = {c: (ms, sh) for c, ms, sh in results[False].table()}
+    for c, ms, sh in results[True].table():
+        b_ms, b_sh = before.get(c, (0.0, 0.0))
+        print(f"  {c:<56}{b_ms:>9.2f} {b_sh:>7.1%}{ms:>9.2f} {sh:>7.1%}")
+    totals = [sum(ms for _, ms, _ in results[k].table()) for k in (False, True)]
+    print(f"  {'step total':<56}{totals[0]:>9.2f} {'':>7}{totals[1]:>9.2f}")
+
+
+def _print_table(entries, args):
+    """Wall-clock seconds and ratio (the headline), and CPU seconds of this process and their ratio (less
+    inflated by other processes on a shared machine)."""
+    print(f"{'workload':<30}{'backend':<23}{'seconds':>8}{'tokens':>7}{'tokens/s':>9}{'ratio':>7}"
+          f"{'cpu s':>7}{'cpu ratio':>10}   runs (s)")
+    for e in entries:
+        a = e["args"]
+        label = f"{e['name']}: {a.prompts} x n={a.n}"
+        for i, backend in enumerate(("transformers generate", "megatron_papo engine")):
+            t = e["medians"][i]
+            each = " ".join(f"{r[i]:.2f}" for r in e["runs"])
+            ratio = f"{e['medians'][0] / e['medians'][1]:.2f}x" if i else ""
+            cpu_ratio = f"{e['cpu'][0] / e['cpu'][1]:.2f}x" if i else ""
+            print(f"{label if i == 0 else '':<30}{backend:<23}{t:>8.2f}{e['tokens']:>7d}{e['tokens'] / t:>9.1f}"
+                  f"{ratio:>7}{e['cpu'][i]:>7.2f}{cpu_ratio:>10}   {each}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=4, help="distinct prompts")
+    p.add_argument("--prompts", type=int, default=4, help="distinct prompts of the n=8 workload")
     p.add_argument("--n", type=int, default=8, help="samples per prompt (batch = prompts * n)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -98,27 +241,51 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both sides (1: on a shared 2-core machine a 2-thread parallel region "
                         "waits for a preempted thread, which swamps small decode matmuls on either side)")
+    p.add_argument("--workloads", default="shared,single,tail",
+                   help="comma list of: shared (prompts x n), single (prompts*n prompts, n=1), tail (shared with "
+                        "log-normal response lengths); the headline ratio is the first one measured")
+    p.add_argument("--tail-new-tokens", type=int, default=256, help="tail workload: longest response (the cap)")
+    p.add_argument("--tail-median", type=float, default=48.0, help="tail workload: median response length")
+    p.add_argument("--tail-sigma", type=float, default=0.8, help="tail workload: log-normal sigma")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where a decode step's CPU time goes (plain vs prepacked matmuls)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not workloads or set(workloads) - {"shared", "single", "tail"}:
+        raise ValueError(f"--workloads: pick from shared, single, tail (got {args.workloads!r})")
     with tempfile.TemporaryDirectory() as hf_dir:
         hf = _hf_model(hf_dir, args)
         engine = _engine(hf_dir)
         ids = _prompts(args)
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
         _run_hf(hf, ids[:, :16], warm), _run_engine(engine, ids[:, :16], warm)  # one-time costs out of the timing
-        runs = [(_run_hf(hf, ids, args), _run_engine(engine, ids, args)) for _ in range(args.repeats)]
-    t_hf, t_en = (statistics.median(r[i] for r in runs) for i in (0, 1))
-    tokens = args.prompts * args.n * args.new_tokens
+        if args.profile:
+            _print_profile(engine, ids, args)
+        entries, waste = [], None
+        for w in workloads:
+            if w == "shared":
+                entries.append(_measure(hf, engine, args, "n=8 shared prompts" if args.n == 8 else "shared"))
+            elif w == "single":
+                single = argparse.Namespace(**{**vars(args), "prompts": args.prompts * args.n, "n": 1})
+                entries.append(_measure(hf, engine, single, "n=1"))
+            else:
+                tail = argparse.Namespace(**{**vars(args), "new_tokens": args.tail_new_tokens})
+                lengths = _tail_lengths(tail)
+                waste = _tail_waste(engine, ids, tail, lengths), lengths
+                entries.append(_measure(hf, engine, tail, "long tail", lengths))
     params = sum(t.numel() for t in hf.model.language_model.parameters()) + hf.lm_head.weight.numel()
     print(f"model: {params / 1e6:.1f}M language params ({params * 4 / 2**20:.0f} MiB fp32), torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"workload: {args.prompts} prompts x n={args.n} = batch {args.prompts * args.n}, prompt {args.prompt_len} "
-          f"tokens, {args.new_tokens} new tokens per row, sampling T=1; median of {args.repeats} runs")
-    print(f"{'backend':<28}{'seconds':>10}{'new tokens':>12}{'tokens/s':>11}   runs (s)")
-    for i, (name, t) in enumerate((("transformers generate", t_hf), ("megatron_papo engine", t_en))):
-        each = " ".join(f"{r[i]:.2f}" for r in runs)
-        print(f"{name:<28}{t:>10.2f}{tokens:>12d}{tokens / t:>11.1f}   {each}")
-    print(f"ratio={t_hf / t_en:.3f}")
+    print(f"prompts of {args.prompt_len} tokens, sampling T=1, median of {args.repeats} interleaved runs; "
+          f"{args.new_tokens} new tokens per row (shared, n=1)")
+    if waste is not None:
+        (static, compacted), lengths = waste
+        print(f"long tail: lengths log-normal(median {args.tail_median:g}, sigma {args.tail_sigma:g}) capped at "
+              f"{args.tail_new_tokens}: mean {lengths.float().mean():.0f}, max {int(lengths.max())}; finished rows "
+              f"computed: static batch {static:.0%}, engine (compaction) {compacted:.0%} of decode rows")
+    _print_table(entries, args)
+    print(f"ratio={entries[0]['medians'][0] / entries[0]['medians'][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,9 @@ class SDPAttention(MegatronModule):
         for prompts, c, num_p in groups:
             qp = q[start:start + c * num_p].reshape(num_p, c, ng, rep, hn).transpose(1, 2)
             qp = qp.reshape(num_p, ng, c * rep, hn)
-            keep = kv.prefix_keep[prompts][:, None, None, :]  # [p, 1, 1, L]
-            sp = (qp @ kv.prefix_key[prompts].transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+            sp = qp @ kv.prefix_key[prompts].transpose(-1, -2)  # [p, ng, c*rep, L]
+            if kv.prefix_padded:  # left padding of shorter prompts: not a key
+                sp = sp.masked_fill(~kv.prefix_keep[prompts][:, None, None, :], float("-inf"))
             mp = sp.amax(-1, keepdim=True)  # [p, ng, c*rep, 1]
             ep = torch.exp(sp - mp)
             m_pre.append(_rows_first(mp, c)), sum_pre.append(_rows_first(ep.sum(-1, keepdim=True), c))
@@ -167,6 +168,7 @@ class SharedPrefixKV:
     row_counts: list
     own_key: torch.Tensor
     own_value: torch.Tensor
+    prefix_padded: bool = True  # False: every prompt position is a real token (no mask to apply)
 
 
 class RopeCachingSelfAttention(SelfAttention):

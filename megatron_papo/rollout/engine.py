@@ -30,6 +30,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
 from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
+from megatron_papo.rollout.fast_decode import packed_linears
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
@@ -54,13 +55,14 @@ class MegatronEngine:
 
     eos_ids: token ids that end a response (default: the tokenizer's ``eos_id``); tokenizer: needed for stop
     strings; max_seq_len: longest prompt + response a row may reach; pad_id: fills ``response_ids``;
+    packed_weights: on CPU, run the linear layers on weights prepacked once per call (``fast_decode``);
     banned_ids: tokens never sampled (default: the model's image and vision-start tokens, which a response
     cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features).
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
-                 compact_fraction: float = 0.25):
+                 compact_fraction: float = 0.25, packed_weights: bool = True):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -81,6 +83,7 @@ class MegatronEngine:
         self.max_seq_len = max_seq_len
         self.prefill_batch_size = max(1, prefill_batch_size)
         self.compact_fraction = compact_fraction
+        self.packed_weights = packed_weights  # CPU: matmuls on weights prepacked once per call (fast_decode)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
         if banned_ids is None:
@@ -96,7 +99,8 @@ class MegatronEngine:
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
-        with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model):  # unaligned token counts
+        with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model), packed_linears(
+                self.stages.model.language_model, len(prompts) * n, self.packed_weights):  # fp8 off: unaligned counts
             batch = self._layout(prompts, n, params.max_new_tokens)
             context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
             ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])

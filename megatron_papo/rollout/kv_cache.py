@@ -35,6 +35,7 @@ class SharedPrefixContext(StaticInferenceContext):
         self.prefix = None  # layer -> (K, V) [P, ng, L, hn] once shared
         self.prefix_len = 0
         self.prefix_keep = None  # [P, L] bool, True = a real prompt token (left padding is False)
+        self.prefix_padded = True  # whether any prompt has left padding (False: no prefix mask needed)
         self.row_counts: list[int] = []  # active rows per prompt, rows stay prompt-major
 
     @property
@@ -46,6 +47,7 @@ class SharedPrefixContext(StaticInferenceContext):
         (``n`` an int, or a list of rows per prompt)."""
         dev = next(iter(self.key_value_memory_dict.values()))[0].device if self.key_value_memory_dict else None
         self.prefix, self.prefix_len, self.prefix_keep = {}, prompt_len, keep.to(dev) if dev else keep
+        self.prefix_padded = bool((~keep).any())  # once per call, not per layer and step
         num_p = keep.shape[0]
         self.row_counts = [n] * num_p if isinstance(n, int) else [int(c) for c in n]
         for layer, (k, v) in list(self.key_value_memory_dict.items()):  # [L + T, P, ng, hn]
@@ -68,4 +70,5 @@ class SharedPrefixContext(StaticInferenceContext):
         k[:, :, t:t + sq] = key.permute(1, 2, 0, 3)
         v[:, :, t:t + sq] = value.permute(1, 2, 0, 3)
         pk, pv = self.prefix[layer]
-        return SharedPrefixKV(pk, pv, self.prefix_keep, self.row_counts, k[:, :, :t + sq], v[:, :, :t + sq])
+        return SharedPrefixKV(pk, pv, self.prefix_keep, self.row_counts, k[:, :, :t + sq], v[:, :, :t + sq],
+                              self.prefix_padded)

@@ -1,0 +1,119 @@
+"""Where a decode step's time goes: exclusive CPU time per part of the engine, from module hooks.
+
+Used by ``rollout_throughput.py --profile``. Every module of a category gets forward pre/post hooks that keep a
+stack of open parts and charge each part its own (exclusive) CPU time: a transformer layer is charged its
+residual adds and dispatch only, its attention and MLP are their own rows, and so on. The engine's sampling
+(``_pick``) and its decode loop are wrapped the same way; what the loop spends outside the model and the
+sampler is its bookkeeping. Process CPU time (``time.process_time``), not wall-clock, so other processes on a
+shared machine inflate it much less. Only the decode steps are counted (the prefill runs before the loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+
+def _category(name: str, module) -> str | None:
+    kind = type(module).__name__
+    if name.endswith("output_layer"):
+        return "output layer (vocab matmul)"
+    if kind in ("ColumnParallelLinear", "RowParallelLinear"):
+        return "linear layers (qkv, proj, fc1, fc2)"
+    if kind == "SDPAttention":
+        return "core attention (scores, softmax, values)"
+    if "Rotary" in kind:
+        return "rotary table (cos/sin of the step's positions)"
+    if "Norm" in kind:
+        return "norms"
+    if kind == "RopeCachingSelfAttention" or kind == "SelfAttention":
+        return "attention glue (qkv split, rotary apply, cache write)"
+    if kind == "MLP":
+        return "MLP glue (SwiGLU)"
+    if kind == "TransformerLayer":
+        return "layer glue (residual adds, dispatch)"
+    if kind in ("GPTModel", "QwenVLModel") or name == "":
+        return "model entry/exit (embedding lookup, logits slice)"
+    return None
+
+
+class StepProfile:
+    """Exclusive CPU seconds per category while ``active``; ``steps`` counts decode steps."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.stack: list[list] = []  # [category, start, seconds of children]
+        self.active = False
+        self.steps = 0
+
+    def enter(self, category: str) -> None:
+        if self.active:
+            self.stack.append([category, time.process_time(), 0.0])
+
+    def leave(self) -> None:
+        if not self.active or not self.stack:
+            return
+        category, start, children = self.stack.pop()
+        spent = time.process_time() - start
+        self.seconds[category] += spent - children
+        if self.stack:
+            self.stack[-1][2] += spent
+
+    def table(self) -> list[tuple[str, float, float]]:
+        """(category, ms per step, share) rows, largest first."""
+        total = sum(self.seconds.values()) or 1.0
+        rows = sorted(self.seconds.items(), key=lambda kv: -kv[1])
+        return [(c, 1e3 * s / max(1, self.steps), s / total) for c, s in rows]
+
+
+def _wrap(obj, attr: str, prof: StepProfile, category: str, on_call=None):
+    original = getattr(obj, attr)
+
+    def wrapped(*args, **kwargs):
+        if on_call is not None:
+            on_call()
+        prof.enter(category)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            prof.leave()
+
+    setattr(obj, attr, wrapped)
+
+
+@contextmanager
+def profile_decode(engine):
+    """Profile the decode loop of every ``engine.generate`` inside the block; yields the ``StepProfile``."""
+    prof = StepProfile()
+    handles = []
+    for name, module in engine.stages.model.named_modules():
+        cat = _category(name, module)
+        if cat is not None:
+            handles.append(module.register_forward_pre_hook(lambda m, a, c=cat: prof.enter(c)))
+            handles.append(module.register_forward_hook(lambda m, a, o: prof.leave()))
+    decode = engine._decode
+
+    def profiled_decode(*args, **kwargs):
+        prof.active = True
+        prof.enter("engine bookkeeping (finish checks, compaction, loop)")
+        try:
+            return decode(*args, **kwargs)
+        finally:
+            prof.leave()
+            prof.active = False
+
+    engine._decode = profiled_decode
+    _wrap(engine, "_pick", prof, "sampling (+ broadcast to stages)", on_call=lambda: _count(prof))
+    try:
+        yield prof
+    finally:
+        for h in handles:
+            h.remove()
+        for attr in ("_decode", "_pick"):
+            delattr(engine, attr)
+
+
+def _count(prof: StepProfile) -> None:
+    if prof.active:
+        prof.steps += 1
