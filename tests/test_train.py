@@ -1,4 +1,4 @@
-"""The RL step end to end on the tiny VLM: TP=2 and PP=2 match TP=1, PAPO-G with gamma=0 is GRPO, a policy that
+"""The RL step end to end on the tiny VLM: TP=2, PP=2 and packed micro-batches match TP=1, PAPO-G with gamma=0 is GRPO, a policy that
 cannot see the image has zero perception KL.
 
 Every run starts from the same initial weights (written by the TP=1 run as a dist checkpoint and resharded on load),
@@ -69,10 +69,10 @@ def _rl_steps(run, steps: int = STEPS) -> list[dict]:
     return [rl_step(run.ctx, it, s) for s in range(1, steps + 1)]
 
 
-def _layout_run(root: str, init: str, tp: int, pp: int) -> dict:
+def _layout_run(root: str, init: str, tp: int, pp: int, *sets: str) -> dict:
     # old log-probs recomputed: the batched real + masked scoring forward runs through the layout too
     run = _build(root, init, f"parallel.tensor_model_parallel_size={tp}",
-                 f"parallel.pipeline_model_parallel_size={pp}", "rollout.recompute_old_logprobs=true")
+                 f"parallel.pipeline_model_parallel_size={pp}", "rollout.recompute_old_logprobs=true", *sets)
     before = _params(run)
     metrics = _rl_steps(run)
     after = _params(run)
@@ -85,6 +85,9 @@ def _single_rank_body(rank, world, root, init):
     from megatron_papo.training.rl_step import rl_step
 
     out = {"tp1": _layout_run(root, init, 1, 1)}
+    # packed micro-batches for the update and the (schedule-path) scoring pass
+    out["packed"] = _layout_run(root, init, 1, 1, "training.max_tokens_per_micro_batch=300",
+                                "training.prefix_scoring=false")
     out["rollout_logprobs"] = _rl_steps(_build(root, init), 1)[0]     # old log-probs taken from the rollout
 
     runs = {}
@@ -141,6 +144,13 @@ def test_tp2_and_pp2_match_tp1_and_change_weights(results):
             if last_stage:                                   # loss metrics live on the last pipeline stage
                 for step, (a, b) in enumerate(zip(ref["metrics"], res["metrics"])):
                     _close(a, b, f"{layout} rank {rank} step {step + 1}")
+
+
+def test_packed_micro_batches_match_padded_rows(results):
+    single, _ = results
+    assert single["packed"]["change"] > 1e-5
+    for step, (a, b) in enumerate(zip(single["tp1"]["metrics"], single["packed"]["metrics"])):
+        _close(a, b, f"packed step {step + 1}")
 
 
 def test_rollout_logprobs_are_the_recomputed_old_logprobs(results):

@@ -29,9 +29,9 @@ from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
+from megatron_papo.training.packing import micro_batches
 from megatron_papo.training.scoring import select_logprobs_fn
-from megatron_papo.training.sequences import (Rows, pack, pair, paired_response_stats, response_stats, run_schedule,
-                                              seq_len)
+from megatron_papo.training.sequences import Rows, pair, paired_response_stats, response_stats, run_schedule, seq_len
 
 
 @dataclass
@@ -239,14 +239,15 @@ def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_g
             idx = list(range(u * per, (u + 1) * per))
             sub = rows.select(idx)
             sub_tokens = {k: v[idx] for k, v in tokens.items()}
-            mbs = pack(sub, cfg.training.micro_batch_size, ctx.tokenizer.pad_id, seq_len(rows), sub_tokens,
-                       image_token_id=ctx.tokenizer.image_token_id)
+            split = dict(max_tokens=cfg.training.max_tokens_per_micro_batch, seq_length=seq_len(rows),
+                         image_token_id=ctx.tokenizer.image_token_id)       # padded rows or packed (training.packing)
+            mbs = micro_batches(sub, cfg.training.micro_batch_size, ctx.tokenizer.pad_id, tokens=sub_tokens, **split)
             num_tokens, num_seqs = count_global_tokens([m.resp_mask for m in mbs], group=dp_group)
             agg = Aggregation(cfg.algorithm.loss_agg, max(num_tokens, 1.0), max(num_seqs, 1.0), len(mbs),
                               ctx.dp_size)
             if masked_images is not None:
-                masked = pack(sub.with_images([masked_images[i] for i in idx]), cfg.training.micro_batch_size,
-                              ctx.tokenizer.pad_id, seq_len(rows), image_token_id=ctx.tokenizer.image_token_id)
+                masked = micro_batches(sub.with_images([masked_images[i] for i in idx]), cfg.training.micro_batch_size,
+                                       ctx.tokenizer.pad_id, **split)
                 mbs = [pair(r, m) for r, m in zip(mbs, masked)]
 
             def loss_fn(logits, mb):
