@@ -25,6 +25,8 @@ class ParallelConfig:
     world_size: int = 0
     # megatron sequence parallelism (needs tensor_model_parallel_size > 1)
     sequence_parallel: bool = False
+    # memory of one GPU in GB, for the --dry-run memory plan's verdict
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass

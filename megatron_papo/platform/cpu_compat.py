@@ -122,6 +122,10 @@ def install_cpu_rng_tracker() -> None:
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # activation recomputation (model.recompute) saves and restores "all" RNG states: on CPU there is no CUDA
+    # generator, the CPU one is saved beside it and the tracker's states are CPU states already
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def apply() -> bool:
