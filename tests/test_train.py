@@ -196,3 +196,11 @@ def test_perception_options_without_perception_loss_are_rejected(tmp_path, field
     cfg = _cfg(str(tmp_path), "algorithm.preset=grpo", f"algorithm.{field}=true")
     with pytest.raises(ValueError, match=field):
         build_run(cfg)
+
+
+def test_step_metrics_break_down_scoring_and_count_flops(results):
+    m = results[0]["tp1"]["metrics"][0]                      # old log-probs recomputed, masked view, reference
+    parts = [m[f"time/scoring_{k}"] for k in ("old", "masked", "ref")]
+    assert all(p > 0 for p in parts) and sum(parts) <= m["time/scoring"] + 1e-6
+    assert m["flops/update"] > m["flops/scoring_ref"] > 0 and m["flops/scoring_old"] > 0
+    assert m["perf/tflops_per_gpu"] > 0 and "perf/mfu" not in m          # no peak known on CPU

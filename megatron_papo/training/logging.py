@@ -15,7 +15,9 @@ from megatron_papo.algorithms.metrics import CollapseDetector
 # metrics shown on the console line, in order, with their short names
 _CONSOLE = (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("actor/perception_kl", "kl_prcp"),
             ("actor/ref_kl", "kl_ref"), ("actor/pg_clipfrac", "clip"), ("actor/grad_norm", "gnorm"),
-            ("rollout/response_length", "len"), ("time/step", "s/step"))
+            ("rollout/response_length", "len"), ("time/step", "s/step"), ("time/rollout", "roll"),
+            ("time/scoring_old", "old"), ("time/scoring_masked", "mask"), ("time/scoring_ref", "ref"),
+            ("time/update", "upd"), ("perf/tflops_per_gpu", "TFLOP/s"), ("perf/mfu", "mfu"))
 
 
 def is_logging_rank() -> bool:

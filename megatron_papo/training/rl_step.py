@@ -13,7 +13,7 @@ Legend: P prompts on this DP rank, n rollouts per prompt, N = P * n rows (prompt
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -32,6 +32,7 @@ from megatron_papo.training.optimizer import optimizer_step, zero_grads
 from megatron_papo.training.packing import micro_batches
 from megatron_papo.training.scoring import select_logprobs_fn
 from megatron_papo.training.sequences import Rows, pair, paired_response_stats, response_stats, run_schedule, seq_len
+from megatron_papo.training.telemetry import step_telemetry, timed_scoring
 
 
 @dataclass
@@ -47,10 +48,11 @@ class RLContext:
     processor: object                 # image processor (for the masked images' pixels)
     # scoring-pass implementation (training.scoring); None: chosen from cfg when the context is built
     logprobs_fn: Optional[Callable] = None
+    # (model, rows, seconds) of the step's scoring calls, for the per-pass times (training.telemetry)
+    scoring_log: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.logprobs_fn is None:
-            self.logprobs_fn = select_logprobs_fn(self.cfg)
+        self.logprobs_fn = timed_scoring(self.logprobs_fn or select_logprobs_fn(self.cfg), self.scoring_log)
 
     @property
     def dp_rank(self) -> int:
@@ -285,6 +287,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
         return metrics
     adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples), n))
     in_update = masked_in_update(cfg)
+    ctx.scoring_log.clear()
     tokens = score(ctx, rows, roll.masked if needs_masked(cfg) and not in_update else None)
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
@@ -298,4 +301,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
         metrics[f"actor/{key}"] = sum(vals) / len(vals) if key != "skipped" else sum(vals)
     metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
                     "time/step": t3 - t0, "throughput/tokens_per_s": float(rows.response_mask.sum()) / (t3 - t0)})
+    metrics.update(step_telemetry(ctx, rows, ctx.scoring_log, old_recomputed=rows.logprobs is None,
+                                  masked_scoring=needs_masked(cfg) and not in_update, masked_in_update=in_update,
+                                  step_seconds=t3 - t0))
     return metrics
