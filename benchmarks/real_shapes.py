@@ -17,7 +17,7 @@ Steps (each reports as it goes):
 Memory: about 8 GB for steps 1-3 (the transformers model, then the four ranks), about 16 GB for step 4. The
 script checks the available memory first and stops (exit 2) when it is below ``--min-free-gb``.
 
-  python benchmarks/real_shapes.py [--workdir DIR] [--tokens 256] [--small] [--min-free-gb 16]
+  python benchmarks/real_shapes.py [--workdir DIR] [--tokens 192] [--small] [--min-free-gb 16]
 
 ``--small``: the same steps on a tiny tied model (seconds; the smoke test in tests/test_real_shapes.py).
 Last line: ``ratio=<max over ranks of measured peak / planned>``.
@@ -41,7 +41,7 @@ IMG_PX = 224
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens of the RL micro-batch")
+    p.add_argument("--tokens", type=int, default=192, help="tokens of the RL micro-batch (two rows of an 81-token prompt)")
     p.add_argument("--small", action="store_true", help="a tiny tied model instead of the 3B (smoke test)")
     p.add_argument("--min-free-gb", type=float, default=16.0, help="stop unless this much memory is available")
     return p.parse_args(argv)
