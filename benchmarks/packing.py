@@ -149,7 +149,8 @@ def main() -> int:
     lengths = real.response_mask.sum(1).float()
     print(f"rows {len(real)} ({args.prompts} prompts x n={args.n}), response length median "
           f"{lengths.median():.0f} mean {lengths.mean():.1f} max {int(lengths.max())} (log-normal median "
-          f"{args.median:g}, sigma {args.sigma:g}, cap {args.cap}); prompt {real.prompt_ids[0].numel()} tokens; budget {args.budget}")
+          f"{args.median:g}, sigma {args.sigma:g}, cap {args.cap}); prompt {real.prompt_ids[0].numel()} tokens; "
+          f"budget {args.budget}")
     print(f"{'':<22}{'padded':>10}{'packed':>10}{'ratio':>8}")
     for what, rows, mult in (("update", real, 1), ("scoring", both, 2)):
         eff = {m: packing_efficiency(rows, micro_batches(rows, args.micro_batch_size * mult, PAD,

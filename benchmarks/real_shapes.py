@@ -41,7 +41,8 @@ IMG_PX = 224
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
-    p.add_argument("--tokens", type=int, default=192, help="tokens of the RL micro-batch (two rows of an 81-token prompt)")
+    p.add_argument("--tokens", type=int, default=192,
+                   help="tokens of the RL micro-batch (two rows of an 81-token prompt)")
     p.add_argument("--small", action="store_true", help="a tiny tied model instead of the 3B (smoke test)")
     p.add_argument("--min-free-gb", type=float, default=16.0, help="stop unless this much memory is available")
     return p.parse_args(argv)

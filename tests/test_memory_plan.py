@@ -1,9 +1,10 @@
 """The memory plan (training/memory_plan.py) against tensor memory measured on the CPU (platform/memory.py):
 one rank trains a small VLM-shaped model (4 layers, hidden 256, vocabulary 2048, fp32, plain optimizer) on
 packed micro-batches of 1024 tokens, with and without recomputation. The weights the plan counts must match the
-model's parameters, the activations one forward keeps (without recomputation) and the peak of two training steps (gradient buffer,
-Adam moments, activations, logits) must be within 20% of the plan. Measured: every tensor created from DDP
-wrapping on, by storage (``TensorMemory``); the model's own weights are allocated before and counted apart.
+model's parameters; the weights + gradient buffer + Adam moments held after two training steps, the
+activations one forward keeps (without recomputation) and the peak of the second step must be within 20% of the
+plan. Measured: every tensor storage the model holds and DDP, the optimizer and the steps create, until freed
+(``TensorMemory``; DDP moves the weights into its own buffers and the old storages leave the count).
 Also: the plan of the published recipes, and --dry-run's warnings about paths that do not exist."""
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def test_plan_within_20_percent_of_measured_memory():
         # with recomputation the plan's activations include one layer recomputed in the backward: peak only
         for key in ("static", "peak") if recompute else ("static", "activations", "peak"):
             m, p = figures[key]
-            assert abs(p - m) / m < 0.20, f"recompute={recompute} {key}: measured {m / 1e6:.1f} MB, plan {p / 1e6:.1f} MB"
+            assert abs(p - m) / m < 0.20, \
+                f"recompute={recompute} {key}: measured {m / 1e6:.1f} MB, plan {p / 1e6:.1f} MB"
     # recomputation keeps far fewer activations: the comparison above can fail
     assert res[True]["activations"][0] < 0.5 * res[False]["activations"][0]
 

@@ -3,8 +3,8 @@
 ``TensorMemory`` is a dispatch mode: every tensor an operator creates inside it (forward, autograd's backward,
 optimizer state, DDP buffers) is counted by its storage, once however many views share it, until the storage is
 freed; ``peak`` is the most ever held at once. Tensors made before the context (the model's weights) are not
-counted unless handed to ``count``. It sees what the CPU's and the GPU's allocators are asked for, not what they cache or round up, and it
-slows every operator a little: a measuring tool, not for training runs.
+counted unless handed to ``count``. It sees what the CPU's and the GPU's allocators are asked for, not what
+they cache or round up, and it slows every operator a little: a measuring tool, not for training runs.
 """
 
 from __future__ import annotations

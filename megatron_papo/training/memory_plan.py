@@ -16,7 +16,8 @@ Activations per token and layer (elements, not bytes) were measured on megatron'
 autograd saves: both RMSNorms' input, normalised value and output, QKV and rotated Q/K, the core-attention output
 and its copy, the SwiGLU pieces, the rotary tables) and fitted as ``8 h (/TP with sequence parallelism) + 7 q/TP
 + 2 kv/TP + 5 ffn/TP + 4 head_dim`` (q = heads x head_dim, kv = KV heads x head_dim): within 10% of six padded
-configurations measured, 13% above the packed path (which saves less); attention never stores s x s (flash / memory-efficient kernels, SDPA per packed row).
+configurations measured, 13% above the packed path (which saves less); attention never stores s x s
+(flash / memory-efficient kernels, SDPA per packed row).
 Transformer Engine's fused kernels save less, so the figure is an upper bound there. The vision tower uses the
 same count at its own sizes. Every row is assumed at the config's maxima: a prompt of one image of
 ``data.max_pixels`` plus 512 text tokens (at most ``data.max_prompt_length``), a response of

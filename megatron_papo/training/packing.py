@@ -10,8 +10,9 @@ attention reads it natively on GPUs, and the local spec's ``SDPAttention`` runs 
 
 Under pipeline parallelism every micro-batch of a call has the same length (the budget; stages exchange
 fixed-size activations): the unused tail is padding, a sequence of its own that no row attends to. At PP = 1 a
-micro-batch is as long as its rows (rounded up to a multiple of TP, for sequence parallelism). How rows are binned never changes the loss: the global token-mean divides
-by the response tokens of the whole optimizer batch (``algorithms.aggregation``).
+micro-batch is as long as its rows (rounded up to a multiple of TP, for sequence parallelism). How rows are
+binned never changes the loss: the global token-mean divides by the response tokens of the whole optimizer
+batch (``algorithms.aggregation``).
 
 Legend: N rows, T padded response length, S a micro-batch's packed length, r rows in a micro-batch, k packed
 sequences in a micro-batch (1, or 2 with the masked copy of :func:`sequences.pair`), P image patches.

@@ -11,7 +11,8 @@ chosen once at build time by :func:`select_logprobs_fn`:
   response, exact two-part softmax merge). The prompt is ~80% of a row's tokens, so this is most of the work
   of a scoring forward saved. Same values as the schedule path up to float rounding (tests/test_scoring.py).
 
-Legend: N rows, T padded response length (a chunk's: its longest response), P distinct prompts of a chunk, L their padded (left) length,
+Legend: N rows, T padded response length (a chunk's: its longest response), P distinct prompts of a chunk,
+L their padded (left) length,
 Vs = V/tp vocabulary shard.
 """
 
