@@ -195,7 +195,8 @@ def _rank_step(mcore_dir: str, tokens: int) -> dict:
 
 
 def planned(spec, tokens: int) -> list:
-    """The plan's per-stage figures for this micro-step (TP2 x PP2, bf16, recompute off, one micro-batch)."""
+    """The plan's per-stage figures for this micro-step (TP2 x PP2, bf16, recompute off, one micro-batch in
+    flight: one prompt per update and one row per prompt make the plan count a single micro-batch)."""
     from megatron_papo.config import load_config
     from megatron_papo.training.memory_plan import plan_memory
 
@@ -203,7 +204,7 @@ def planned(spec, tokens: int) -> list:
                              "parallel.pipeline_model_parallel_size=2", f"training.max_tokens_per_micro_batch={tokens}",
                              f"data.max_prompt_length={tokens // 2}", f"rollout.max_new_tokens={tokens // 2}",
                              f"data.max_pixels={IMG_PX * IMG_PX}", f"data.min_pixels={IMG_PX * IMG_PX}",
-                             "rollout.n=2", "training.prompts_per_step=1", "training.prompts_per_update=1"])
+                             "rollout.n=1", "training.prompts_per_step=1", "training.prompts_per_update=1"])
     return plan_memory(cfg, 1, spec)
 
 

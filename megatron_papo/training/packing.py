@@ -6,7 +6,10 @@ at its last response token) are placed into bins of at most that many tokens (fi
 bin becomes ONE sequence: its rows back to back, each with its own M-RoPE positions (from 0, as if alone) and
 causal attention confined to itself (block-diagonal causal). That is megatron's packed-sequence input,
 ``PackedSeqParams`` with ``qkv_format="thd"`` and the rows' boundaries in ``cu_seqlens``: Transformer Engine's
-attention reads it natively on GPUs, and the local spec's ``SDPAttention`` runs one causal SDPA per row.
+attention reads it natively on GPUs, and the local spec's ``SDPAttention`` runs one causal SDPA per row. The
+rotary tables cover every token of the packed sequence (M-RoPE from per-row position ids), so megatron's
+(unfused) ``thd`` rotary takes each token's own angle; ``apply_rope_fusion`` stays off (TE's fused ``thd``
+kernel would restart positions per sequence and ignore the image positions).
 
 Under pipeline parallelism every micro-batch of a call has the same length (the budget; stages exchange
 fixed-size activations): the unused tail is padding, a sequence of its own that no row attends to. At PP = 1 a
