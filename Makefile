@@ -42,6 +42,7 @@ benchmarks: $(VENV)/.installed-test
 	$(VPY) benchmarks/ops_memory.py
 	$(VPY) benchmarks/rollout_throughput.py
 	$(VPY) benchmarks/papo_overhead.py
+	$(VPY) benchmarks/packing.py
 
 docker:
 	docker build -t megatron-papo:latest .

@@ -25,6 +25,8 @@ class ParallelConfig:
     world_size: int = 0
     # megatron sequence parallelism (needs tensor_model_parallel_size > 1)
     sequence_parallel: bool = False
+    # memory of one GPU in GB, for the --dry-run memory plan's verdict
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -193,8 +195,11 @@ class TrainingConfig:
     prompts_per_step: int = 384
     # prompts per optimizer step (PPO mini-batch); prompts_per_step must be a multiple
     prompts_per_update: int = 128
-    # sequences per micro-batch in forward/backward
+    # sequences per micro-batch in forward/backward (when max_tokens_per_micro_batch is 0)
     micro_batch_size: int = 4
+    # sequence packing: rows packed without padding into micro-batches of at most this many tokens (scoring: twice
+    # as many); must hold data.max_prompt_length + rollout.max_new_tokens; 0: off, micro_batch_size padded rows
+    max_tokens_per_micro_batch: int = 0
     # PPO epochs over each RL step's rollouts
     ppo_epochs: int = 1
     # supervised warm-start steps on the data's answers before RL (the CPU demo uses them; 0: none)
@@ -429,7 +434,8 @@ def validate(cfg: Config) -> None:
     nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.max_new_tokens", "rollout.top_k",
               "algorithm.beta", "algorithm.gamma", "algorithm.eta1", "algorithm.eta2", "optimizer.lr",
               "optimizer.weight_decay", "optimizer.clip_grad", "checkpoint.keep_last", "checkpoint.save_interval",
-              "data.shuffle_buffer", "data.num_workers", "parallel.world_size", "training.cpu_threads"]
+              "data.shuffle_buffer", "data.num_workers", "parallel.world_size", "training.cpu_threads",
+              "training.max_tokens_per_micro_batch"]
     for dotted in nonneg:
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted} must be >= 0, got {_get(cfg, dotted)}")
@@ -449,6 +455,13 @@ def validate(cfg: Config) -> None:
     if t.prompts_per_step % t.prompts_per_update:
         raise ConfigError(f"training.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
                           f"training.prompts_per_update ({t.prompts_per_update})")
+    longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    if 0 < t.max_tokens_per_micro_batch < longest:
+        raise ConfigError(f"training.max_tokens_per_micro_batch ({t.max_tokens_per_micro_batch}) must hold the longest "
+                          f"row, data.max_prompt_length + rollout.max_new_tokens = {longest}; raise it (or 0: off)")
+    if cfg.parallel.sequence_parallel and t.max_tokens_per_micro_batch % cfg.parallel.tensor_model_parallel_size:
+        raise ConfigError("training.max_tokens_per_micro_batch must be a multiple of "
+                          "parallel.tensor_model_parallel_size under sequence parallelism")
     if cfg.parallel.sequence_parallel and cfg.parallel.tensor_model_parallel_size == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_model_parallel_size > 1; set it "
                           "to false or raise the tensor-parallel size")

@@ -1,4 +1,4 @@
-"""The RL step end to end on the tiny VLM: TP=2 and PP=2 match TP=1, PAPO-G with gamma=0 is GRPO, a policy that
+"""The RL step end to end on the tiny VLM: TP=2, PP=2 and packed micro-batches match TP=1, PAPO-G with gamma=0 is GRPO, a policy that
 cannot see the image has zero perception KL.
 
 Every run starts from the same initial weights (written by the TP=1 run as a dist checkpoint and resharded on load),
@@ -69,10 +69,10 @@ def _rl_steps(run, steps: int = STEPS) -> list[dict]:
     return [rl_step(run.ctx, it, s) for s in range(1, steps + 1)]
 
 
-def _layout_run(root: str, init: str, tp: int, pp: int) -> dict:
+def _layout_run(root: str, init: str, tp: int, pp: int, *sets: str) -> dict:
     # old log-probs recomputed: the batched real + masked scoring forward runs through the layout too
     run = _build(root, init, f"parallel.tensor_model_parallel_size={tp}",
-                 f"parallel.pipeline_model_parallel_size={pp}", "rollout.recompute_old_logprobs=true")
+                 f"parallel.pipeline_model_parallel_size={pp}", "rollout.recompute_old_logprobs=true", *sets)
     before = _params(run)
     metrics = _rl_steps(run)
     after = _params(run)
@@ -85,6 +85,9 @@ def _single_rank_body(rank, world, root, init):
     from megatron_papo.training.rl_step import rl_step
 
     out = {"tp1": _layout_run(root, init, 1, 1)}
+    # packed micro-batches for the update and the (schedule-path) scoring pass
+    out["packed"] = _layout_run(root, init, 1, 1, "training.max_tokens_per_micro_batch=300",
+                                "training.prefix_scoring=false")
     out["rollout_logprobs"] = _rl_steps(_build(root, init), 1)[0]     # old log-probs taken from the rollout
 
     runs = {}
@@ -143,6 +146,13 @@ def test_tp2_and_pp2_match_tp1_and_change_weights(results):
                     _close(a, b, f"{layout} rank {rank} step {step + 1}")
 
 
+def test_packed_micro_batches_match_padded_rows(results):
+    single, _ = results
+    assert single["packed"]["change"] > 1e-5
+    for step, (a, b) in enumerate(zip(single["tp1"]["metrics"], single["packed"]["metrics"])):
+        _close(a, b, f"packed step {step + 1}")
+
+
 def test_rollout_logprobs_are_the_recomputed_old_logprobs(results):
     """The engine's sampling log-probs (KV-cache decode, banned vision tokens) equal a training forward's."""
     single, _ = results
@@ -186,3 +196,11 @@ def test_perception_options_without_perception_loss_are_rejected(tmp_path, field
     cfg = _cfg(str(tmp_path), "algorithm.preset=grpo", f"algorithm.{field}=true")
     with pytest.raises(ValueError, match=field):
         build_run(cfg)
+
+
+def test_step_metrics_break_down_scoring_and_count_flops(results):
+    m = results[0]["tp1"]["metrics"][0]                      # old log-probs recomputed, masked view, reference
+    parts = [m[f"time/scoring_{k}"] for k in ("old", "masked", "ref")]
+    assert all(p > 0 for p in parts) and sum(parts) <= m["time/scoring"] + 1e-6
+    assert m["flops/update"] > m["flops/scoring_ref"] > 0 and m["flops/scoring_old"] > 0
+    assert m["perf/tflops_per_gpu"] > 0 and "perf/mfu" not in m          # no peak known on CPU

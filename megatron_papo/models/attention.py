@@ -2,8 +2,9 @@
 
 ``SDPAttention``: core attention on ``torch.nn.functional.scaled_dot_product_attention``, a drop-in for
 megatron's ``DotProductAttention`` (same constructor and forward), chosen through the layer spec. It needs no
-CUDA buffers and handles megatron's three cases: no mask, a boolean mask (True = masked out, as megatron uses
-it), and causal attention with fewer queries than keys (KV-cache decoding, bottom-right aligned). Grouped-query
+CUDA buffers and handles megatron's cases: no mask, a boolean mask (True = masked out, as megatron uses
+it), causal attention with fewer queries than keys (KV-cache decoding, bottom-right aligned), and packed sequences
+(megatron's ``PackedSeqParams``: causal within each sequence, one SDPA call per sequence). Grouped-query
 attention runs on the grouped K/V directly (``enable_gqa``), without repeating them per query head.
 
 ``RopeCachingSelfAttention``: megatron's ``SelfAttention`` whose static KV cache can hold keys with RoPE already
@@ -58,8 +59,10 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention takes no packed sequences or attention bias; use an explicit mask")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention takes no attention bias; use an explicit mask")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         if isinstance(key, SharedPrefixKV):
             return self._shared_prefix_decode(query, key)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -88,6 +91,23 @@ class SDPAttention(MegatronModule):
             )  # [b, np, sq, hn] (or [b, ng, rep, hn] = the same memory)
         out = out.reshape(b, self.num_heads, sq, self.head_dim)
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)  # [sq, b, np*hn]
+
+    def _packed(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """Packed sequences (megatron's ``thd`` layout: query [t, np, hn], key/value [t, ng, hn], the batch axis
+        squeezed out): causal attention within each sequence of ``cu_seqlens_q`` [k + 1], never across, i.e.
+        the block-diagonal causal mask, computed one sequence at a time (work of sum s_i^2, not t^2): [t, np*hn]."""
+        if self.attn_mask_type != AttnMaskType.causal:
+            raise ValueError("SDPAttention: packed sequences are for causal (language model) attention")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        p = self.dropout_p if self.training else 0.0
+        outs = []
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # [1, n, s_i, hn]
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=self.softmax_scale,
+                                                   enable_gqa=q.shape[1] != k.shape[1])  # [1, np, s_i, hn]
+                outs.append(o[0].transpose(0, 1).reshape(end - start, self.num_heads * self.head_dim))
+        return torch.cat(outs)
 
     def _shared_prefix_decode(self, query: torch.Tensor, kv: "SharedPrefixKV") -> torch.Tensor:
         """sq queries per row against its prompt's shared keys and its own keys: [sq, b, np*hn].

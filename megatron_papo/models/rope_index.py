@@ -58,3 +58,23 @@ def get_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None 
     if grids:
         raise ValueError(f"image_grid_thw has {len(grids)} more images than the <|image_pad|> runs in input_ids")
     return position_ids.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).view(b, 1)
+
+
+def get_packed_rope_index(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                          spatial_merge_size: int = 2, *, image_token_id: int,
+                          vision_start_token_id: int) -> torch.Tensor:
+    """M-RoPE position ids [3, 1, s] of one packed sequence ``input_ids`` [1, s]: every sequence between
+    consecutive ``cu_seqlens`` boundaries [k + 1] gets its own positions (from 0), as if it were alone; images
+    are consumed from ``image_grid_thw`` in order."""
+    ids = input_ids.reshape(-1).cpu()
+    grids = image_grid_thw.tolist() if image_grid_thw is not None else []
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        pos, used = _sample_positions(ids[start:end], grids, spatial_merge_size, image_token_id,
+                                      vision_start_token_id)
+        grids = grids[used:]
+        pieces.append(pos)
+    if grids:
+        raise ValueError(f"image_grid_thw has {len(grids)} more images than the <|image_pad|> runs in input_ids")
+    return torch.cat(pieces, dim=1)[:, None].to(input_ids.device)

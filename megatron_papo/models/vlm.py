@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_papo.models import fp8_padding
 from megatron_papo.models.configs import check_tp_divisibility, language_config, vision_config
 from megatron_papo.models.presets import VLMSpec, get_preset
-from megatron_papo.models.rope_index import get_rope_index
+from megatron_papo.models.rope_index import get_packed_rope_index, get_rope_index
 from megatron_papo.models.specs import check_transformer_impl, language_layer_spec, vision_layer_spec
 from megatron_papo.models.vision import VisionTower
 from megatron_papo.platform import device
@@ -76,8 +76,14 @@ class Qwen25VLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
-    def position_ids(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
-        """M-RoPE position ids [3, b, s] (HF rule); attention_mask here is [b, s] with 1 = real token."""
+    def position_ids(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None,
+                     packed_seq_params=None) -> torch.Tensor:
+        """M-RoPE position ids [3, b, s] (HF rule); attention_mask here is [b, s] with 1 = real token. With
+        ``packed_seq_params`` (one packed sequence, b = 1) each of its sequences is positioned on its own."""
+        if packed_seq_params is not None:
+            return get_packed_rope_index(input_ids, packed_seq_params.cu_seqlens_q, image_grid_thw,
+                                         self.spec.vision.spatial_merge_size, image_token_id=self.spec.image_token_id,
+                                         vision_start_token_id=self.spec.vision_start_token_id)
         return get_rope_index(input_ids, image_grid_thw, attention_mask, self.spec.vision.spatial_merge_size,
                               image_token_id=self.spec.image_token_id,
                               vision_start_token_id=self.spec.vision_start_token_id)[0]
@@ -101,17 +107,19 @@ class Qwen25VLModel(MegatronModule):
         return emb
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, pixel_values=None,
-                image_grid_thw=None, inference_context=None, runtime_gather_output=None):
+                image_grid_thw=None, inference_context=None, runtime_gather_output=None, packed_seq_params=None):
         """Logits [b, s, V/tp] on the last stage (V when gathered), hidden states [s, b, h] elsewhere.
 
         attention_mask is megatron's boolean mask (True = masked out) or None for plain causal attention.
+        ``packed_seq_params`` (megatron's ``PackedSeqParams``, qkv_format ``thd``): ``input_ids`` [1, s] holds
+        several sequences back to back, each attending causally to itself only (``megatron_papo.training.packing``).
         """
         if position_ids is None:
-            position_ids = self.position_ids(input_ids, image_grid_thw)
+            position_ids = self.position_ids(input_ids, image_grid_thw, packed_seq_params=packed_seq_params)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         out = self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                   inference_context=inference_context,
-                                  runtime_gather_output=runtime_gather_output)
+                                  runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
         if self.post_process and self.padded_vocab_size != self.spec.vocab_size:
             out = self._mask_vocab_padding(out)
         return out

@@ -1,13 +1,15 @@
 """The small CPU adaptation of megatron-core 0.16.1 (see shared/MEGATRON_ON_CPU.md).
 
-megatron-core assumes CUDA in four places that matter for us. Without CUDA we:
+megatron-core assumes CUDA in a few places that matter for us. Without CUDA we:
   1. make ``torch.cuda.current_device()`` return the CPU device (buffer placement all over megatron);
   2. make ``torch.cuda.synchronize()`` a no-op (pipeline point-to-point communication);
   3. register an RNG tracker with megatron's interface that forks the CPU generator instead of CUDA's;
   4. route the literal ``device="cuda"`` counter allocation in ``pipeline_parallel/schedules.py`` to the CPU;
   5. do the same for the ``device="cuda"`` scalars of megatron's (non-distributed) optimizer, gradient clipping
      and grad scaler, and clip gradients without clipping's assertion that they are CUDA tensors. The
-     distributed optimizer type-checks ``torch.cuda`` parameters and stays GPU-only.
+     distributed optimizer type-checks ``torch.cuda`` parameters and stays GPU-only;
+  6. keep the tied output weight of the last pipeline stage on the CPU where megatron moves it to CUDA;
+  7. save and restore no CUDA generator state in activation recomputation (``model.recompute``).
 
 Everything here is applied by :func:`apply` only when ``torch.cuda.is_available()`` is False; on a GPU machine
 nothing is patched. ``tests/test_cpu_compat.py`` fails loudly if the pinned megatron-core changes under us.
@@ -115,6 +117,25 @@ def _adapt_optimizer() -> None:
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
 
 
+def _adapt_tied_embeddings() -> None:
+    """With tied embeddings and pipeline parallelism, ``LanguageModule.setup_embeddings_and_output_layer``
+    moves the last stage's copy of the embedding to CUDA (``weight.data.cuda()``) before all-reducing it with the
+    first stage's: on CPU that move is left out (the all-reduce runs on the CPU tensor with gloo)."""
+    from megatron.core.models.common.language_module import language_module
+
+    original = language_module.LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self):
+        to_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = to_cuda
+
+    language_module.LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def install_cpu_rng_tracker() -> None:
     """Make megatron's global model-parallel RNG tracker a :class:`CpuRNGStatesTracker`."""
     from megatron.core.tensor_parallel import random as mp_random
@@ -122,6 +143,10 @@ def install_cpu_rng_tracker() -> None:
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # activation recomputation (model.recompute) saves and restores "all" RNG states: on CPU there is no CUDA
+    # generator, the CPU one is saved beside it and the tracker's states are CPU states already
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def apply() -> bool:
@@ -144,6 +169,7 @@ def apply() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     schedules.torch = _CpuTorch()
     _adapt_optimizer()
+    _adapt_tied_embeddings()
     install_cpu_rng_tracker()
     _applied = True
     return True

@@ -1,4 +1,5 @@
-"""``--dry-run``: validate the parallel layout for a world size and count parameters per rank analytically.
+"""``--dry-run``: validate the parallel layout for a world size, count parameters per rank analytically, plan the
+memory per GPU (``training.memory_plan``) and warn about paths a run would read that do not exist yet.
 
 Counting from the architecture (no allocation) makes the 72B preset's layout checkable on a laptop. Megatron's
 split: attention heads, MLP columns and the (padded) vocabulary divide by TP; norms and the vision tower's
@@ -13,6 +14,7 @@ import os
 from megatron_papo.config import Config
 from megatron_papo.models import family_of_preset, get_preset, padded_vocab_size
 from megatron_papo.platform import check_layout
+from megatron_papo.training.memory_plan import describe_memory
 
 
 def _lm_layer(spec, tp: int) -> float:
@@ -38,9 +40,10 @@ def qwen25_param_counts(spec, tp: int) -> tuple[float, float]:
     return _lm_layer(spec, tp), _vision(spec, tp)
 
 
-def params_per_stage(cfg: Config) -> list[int]:
-    """Parameters held by one rank of each pipeline stage (TP-sharded), first stage first."""
-    spec = get_preset(cfg.model.preset)
+def params_per_stage(cfg: Config, spec=None) -> list[int]:
+    """Parameters held by one rank of each pipeline stage (TP-sharded), first stage first (``spec``: the
+    architecture; default the preset's)."""
+    spec = spec or get_preset(cfg.model.preset)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     if spec.num_layers % pp:
         raise ValueError(f"parallel.pipeline_model_parallel_size {pp} must divide the {spec.num_layers} layers of "
@@ -77,4 +80,25 @@ def describe_layout(cfg: Config) -> str:
         lines.append(f"  pipeline stage {s}: {n / 1e6:,.2f}M parameters per rank")
     total = sum(stages) * p.tensor_model_parallel_size
     lines.append(f"parameters per rank: max {max(stages) / 1e6:,.2f}M (model total ~{total / 1e9:,.3f}B)")
+    lines += describe_memory(cfg, dp)
+    lines += [f"warning: {w}" for w in missing_paths(cfg)]
     return "\n".join(lines)
+
+
+def missing_paths(cfg: Config) -> list[str]:
+    """What a run would read and is not there yet (a layout can be planned before the data is staged)."""
+    out = []
+    if cfg.model.load and not os.path.exists(cfg.model.load):
+        out.append(f"model.load {cfg.model.load!r} does not exist (convert it first: tools/convert_checkpoint.py "
+                   "hf-to-mcore)")
+    tok = cfg.data.tokenizer
+    if tok.path and not os.path.exists(tok.path):
+        out.append(f"data.tokenizer.path {tok.path!r} does not exist")
+    if not cfg.data.synthetic_if_missing:
+        from megatron_papo.data.reader import resolve_shards
+
+        try:
+            resolve_shards(cfg.data.train_shards)
+        except ValueError as e:
+            out.append(str(e))
+    return out

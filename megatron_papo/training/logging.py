@@ -16,7 +16,9 @@ from megatron_papo.algorithms.metrics import CollapseDetector
 _CONSOLE = (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("actor/perception_kl", "kl_prcp"),
             ("actor/ref_kl", "kl_ref"), ("vppo/dependency", "dep"), ("vppo/token_fraction", "kept"),
             ("actor/pg_clipfrac", "clip"), ("actor/grad_norm", "gnorm"),
-            ("rollout/response_length", "len"), ("time/step", "s/step"))
+            ("rollout/response_length", "len"), ("time/step", "s/step"), ("time/rollout", "roll"),
+            ("time/scoring_old", "old"), ("time/scoring_masked", "mask"), ("time/scoring_ref", "ref"),
+            ("time/update", "upd"), ("perf/tflops_per_gpu", "TFLOP/s"), ("perf/mfu", "mfu"))
 
 
 def is_logging_rank() -> bool:

@@ -14,7 +14,7 @@ Legend: P prompts on this DP rank, n rollouts per prompt, N = P * n rows (prompt
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -31,9 +31,10 @@ from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
+from megatron_papo.training.packing import micro_batches
 from megatron_papo.training.scoring import select_logprobs_fn
-from megatron_papo.training.sequences import (Rows, pack, pair, paired_response_stats, response_stats, run_schedule,
-                                              seq_len)
+from megatron_papo.training.sequences import Rows, pair, paired_response_stats, response_stats, run_schedule, seq_len
+from megatron_papo.training.telemetry import step_telemetry, timed_scoring
 
 
 @dataclass
@@ -49,10 +50,11 @@ class RLContext:
     processor: object                 # image processor (for the auxiliary views' pixels)
     # scoring-pass implementation (training.scoring); None: chosen from cfg when the context is built
     logprobs_fn: Optional[Callable] = None
+    # (model, rows, seconds) of the step's scoring calls, for the per-pass times (training.telemetry)
+    scoring_log: list = field(default_factory=list)
 
     def __post_init__(self):
-        if self.logprobs_fn is None:
-            self.logprobs_fn = select_logprobs_fn(self.cfg)
+        self.logprobs_fn = timed_scoring(self.logprobs_fn or select_logprobs_fn(self.cfg), self.scoring_log)
 
     @property
     def dp_rank(self) -> int:
@@ -238,14 +240,15 @@ def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_g
             idx = list(range(u * per, (u + 1) * per))
             sub = rows.select(idx)
             sub_tokens = {k: v[idx] for k, v in tokens.items()}
-            mbs = pack(sub, cfg.training.micro_batch_size, ctx.tokenizer.pad_id, seq_len(rows), sub_tokens,
-                       image_token_id=ctx.tokenizer.image_token_id)
+            split = dict(max_tokens=cfg.training.max_tokens_per_micro_batch, seq_length=seq_len(rows),
+                         image_token_id=ctx.tokenizer.image_token_id)       # padded rows or packed (training.packing)
+            mbs = micro_batches(sub, cfg.training.micro_batch_size, ctx.tokenizer.pad_id, tokens=sub_tokens, **split)
             num_tokens, num_seqs = count_global_tokens([m.resp_mask for m in mbs], group=dp_group)
             agg = Aggregation(cfg.algorithm.loss_agg, max(num_tokens, 1.0), max(num_seqs, 1.0), len(mbs),
                               ctx.dp_size)
             if masked_images is not None:
-                masked = pack(sub.with_images([masked_images[i] for i in idx]), cfg.training.micro_batch_size,
-                              ctx.tokenizer.pad_id, seq_len(rows), image_token_id=ctx.tokenizer.image_token_id)
+                masked = micro_batches(sub.with_images([masked_images[i] for i in idx]), cfg.training.micro_batch_size,
+                                       ctx.tokenizer.pad_id, **split)
                 mbs = [pair(r, m) for r, m in zip(mbs, masked)]
 
             def loss_fn(logits, mb):
@@ -284,6 +287,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples), n))
     masked_in_update(cfg)                                       # option errors
     plan = view_plan(cfg.algorithm)
+    ctx.scoring_log.clear()
     tokens, view_logp = score(ctx, rows, {name: roll.views[name] for name in plan.scored})
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
@@ -302,4 +306,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
         metrics[f"actor/{key}"] = sum(vals) / len(vals) if key != "skipped" else sum(vals)
     metrics.update({"time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
                     "time/step": t3 - t0, "throughput/tokens_per_s": float(rows.response_mask.sum()) / (t3 - t0)})
+    metrics.update(step_telemetry(ctx, rows, ctx.scoring_log, old_recomputed=rows.logprobs is None,
+                                  masked_scoring=len(plan.scored), masked_in_update=bool(plan.in_update),
+                                  step_seconds=t3 - t0))
     return metrics

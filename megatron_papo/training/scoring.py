@@ -11,12 +11,14 @@ chosen once at build time by :func:`select_logprobs_fn`:
   response, exact two-part softmax merge). The prompt is ~80% of a row's tokens, so this is most of the work
   of a scoring forward saved. Same values as the schedule path up to float rounding (tests/test_scoring.py).
 
-Legend: N rows, T padded response length, P distinct prompts of a chunk, L their padded (left) length,
+Legend: N rows, T padded response length (a chunk's: its longest response), P distinct prompts of a chunk,
+L their padded (left) length,
 Vs = V/tp vocabulary shard.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -25,19 +27,21 @@ from megatron.core import parallel_state
 from megatron_papo.ops import vocab_parallel_log_probs
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.pipeline import eval_mode, unwrap, vocab_parallel_inference
-from megatron_papo.training.sequences import Rows, pack, response_stats, run_schedule, seq_len
+from megatron_papo.training.packing import micro_batches, unpack_rows
+from megatron_papo.training.sequences import Rows, response_lengths, response_stats, run_schedule
 
 # (model, rows, micro_batch_size, pad_id, image_token_id, temperature) -> [N, T] float32, None off the last stage
 LogprobsFn = Callable[..., Optional[torch.Tensor]]
 
 
 def schedule_logprobs(model, rows: Rows, micro_batch_size: int, pad_id: int, image_token_id: Optional[int],
-                      temperature: float) -> Optional[torch.Tensor]:
-    """Plain rows through megatron's forward-only schedule (any PP): [N, T] on the last stage, else None."""
+                      temperature: float, max_tokens: int = 0) -> Optional[torch.Tensor]:
+    """Plain rows through megatron's forward-only schedule (any PP): [N, T] on the last stage, else None.
+    ``max_tokens`` > 0 packs the rows into micro-batches of that many tokens (``training.packing``)."""
     keep = lambda logits, mb: (torch.zeros(()), {"logp": response_stats(logits, mb, temperature)[0]})  # noqa: E731
-    mbs = pack(rows, micro_batch_size, pad_id, seq_len(rows), image_token_id=image_token_id)
+    mbs = micro_batches(rows, micro_batch_size, pad_id, max_tokens=max_tokens, image_token_id=image_token_id)
     out = run_schedule(model, mbs, keep, forward_only=True)
-    return torch.cat([o["logp"].detach().cpu() for o in out])[:len(rows)] if out else None
+    return unpack_rows([o["logp"].detach().cpu() for o in out], mbs, len(rows)) if out else None
 
 
 def prefix_shared_logprobs(model, rows: Rows, micro_batch_size: int, pad_id: int, image_token_id: Optional[int],
@@ -91,7 +95,8 @@ def _score_chunk(vlm, rows: Rows, groups: list, pad_id: int, image_token_id: Opt
     idx = [s + j for s, c in groups for j in range(c)]
     prompts = [rows.prompt_ids[s] for s in first]
     lens = [int(p.numel()) for p in prompts]
-    num_p, L, T = len(prompts), max(lens), rows.response_ids.shape[1]
+    full_t = rows.response_ids.shape[1]
+    num_p, L, T = len(prompts), max(lens), max(1, int(response_lengths(rows.response_mask[idx]).max()))
     dev = next(vlm.parameters()).device
     ids = torch.full((num_p, L), pad_id, dtype=torch.long)
     pos = torch.zeros(3, num_p, L, dtype=torch.long)            # prompts' M-RoPE positions, left-padded
@@ -120,13 +125,14 @@ def _score_chunk(vlm, rows: Rows, groups: list, pad_id: int, image_token_id: Opt
     ctx.share_prefix(L, counts, keep.to(dev), T)
     ctx.sequence_len_offset = L
     ctx.enable_decode_mode()
-    targets = rows.response_ids[idx]                             # [n_c, T]
+    targets = rows.response_ids[idx, :T]                         # [n_c, T] the chunk's longest response
     inputs = targets.masked_fill(targets == image_token_id, pad_id) if image_token_id is not None else targets
     with vocab_parallel_inference(vlm.language_model):
         resp = vlm(inputs.to(dev), resp_pos.to(dev), None, inference_context=ctx)  # [n_c, T, Vs]
     first_logits = last.repeat_interleave(torch.tensor(counts, device=dev), dim=0)[:, None]  # [n_c, 1, Vs]
     logits = torch.cat([first_logits, resp[:, :T - 1]], dim=1)   # position t predicts response token t
-    return vocab_parallel_log_probs(logits, targets.to(dev), temperature=temperature).float().cpu()
+    logp = vocab_parallel_log_probs(logits, targets.to(dev), temperature=temperature).float().cpu()
+    return torch.nn.functional.pad(logp, (0, full_t - T))       # [n_c, full T]
 
 
 def _local_shard(full: torch.Tensor) -> torch.Tensor:
@@ -147,7 +153,9 @@ def prefix_sharing_supported(cfg) -> tuple[bool, str]:
 
 def select_logprobs_fn(cfg) -> LogprobsFn:
     """The scoring implementation for this run, decided once when the run is built (``training.prefix_scoring``
-    asks for the prefix-shared path; it is used where :func:`prefix_sharing_supported`)."""
+    asks for the prefix-shared path; it is used where :func:`prefix_sharing_supported`). The schedule path packs
+    rows when ``training.max_tokens_per_micro_batch`` > 0, with twice that budget (no activations are kept)."""
     if cfg.training.prefix_scoring and prefix_sharing_supported(cfg)[0]:
         return prefix_shared_logprobs
-    return schedule_logprobs
+    budget = cfg.training.max_tokens_per_micro_batch
+    return partial(schedule_logprobs, max_tokens=2 * budget) if budget else schedule_logprobs

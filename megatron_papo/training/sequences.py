@@ -31,6 +31,12 @@ class MicroBatch:
     image_grid_thw: Optional[torch.Tensor]  # [n_images, 3] or None
     # per-token tensors [b, T] the loss needs (advantages, old_logp, ref_logp, mask_logp), by name
     tokens: dict = field(default_factory=dict)
+    # packed rows (training.packing): each row of input_ids [k, S] is one packed sequence of several rows, all k
+    # run as ONE sequence [1, k*S] whose sequences megatron's PackedSeqParams delimits; b is then the count of
+    # the rows packed, resp_index points into the flat [k*S]-long sequence. None: rows padded, one per row.
+    packed_seq_params: Optional[object] = None
+    # [b] which input rows the micro-batch holds, in its order (packed: bins of rows); None: consecutive rows
+    row_index: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -63,6 +69,11 @@ class Rows:
                     torch.cat([pad(self.response_mask, False), pad(other.response_mask, False)]),
                     self.images + other.images,
                     torch.cat([pad(self.logprobs, 0.0), pad(other.logprobs, 0.0)]) if both else None)
+
+
+def response_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """[n] one past each row's last response token (0 for an empty row) of a response mask [n, T]."""
+    return torch.where(mask.any(1), mask.shape[1] - mask.flip(1).int().argmax(1), 0)
 
 
 def seq_len(rows: Rows) -> int:
@@ -113,14 +124,27 @@ def _pad_rows(x: torch.Tensor, b: int) -> torch.Tensor:
 
 def to_device(mb: MicroBatch, dev) -> MicroBatch:
     mv = lambda x: None if x is None else x.to(dev)  # noqa: E731
+    psp = mb.packed_seq_params
+    if psp is not None:
+        psp = replace(psp, cu_seqlens_q=mv(psp.cu_seqlens_q), cu_seqlens_kv=mv(psp.cu_seqlens_kv))
     return MicroBatch(mv(mb.input_ids), mv(mb.targets), mv(mb.resp_index), mv(mb.resp_mask), mv(mb.pixel_values),
-                      mv(mb.image_grid_thw), {k: mv(v) for k, v in mb.tokens.items()})
+                      mv(mb.image_grid_thw), {k: mv(v) for k, v in mb.tokens.items()}, psp, mb.row_index)
+
+
+def _flat(x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """Per-position values [k, S] of a packed micro-batch as [1, k*S] (resp_index is flat); padded: unchanged."""
+    return x if mb.packed_seq_params is None else x.reshape(1, -1)
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [b|1, S] at index [b, T] -> [b, T] (one packed sequence serves all its rows)."""
+    return x.expand(index.shape[0], -1).gather(1, index)
 
 
 def response_stats(logits: torch.Tensor, mb: MicroBatch, temperature: float):
     """logits [b, S, V/tp] -> (log-probs, entropies) of the response tokens, each [b, T] float32."""
     logp, ent = vocab_parallel_token_stats(logits, mb.targets, temperature=temperature)  # [b, S]
-    return logp.gather(1, mb.resp_index), ent.gather(1, mb.resp_index)
+    return gather_positions(_flat(logp, mb), mb.resp_index), gather_positions(_flat(ent, mb), mb.resp_index)
 
 
 def pair(real: MicroBatch, masked: MicroBatch) -> MicroBatch:
@@ -130,22 +154,38 @@ def pair(real: MicroBatch, masked: MicroBatch) -> MicroBatch:
     stacked ([2b, ...]); the images follow the rows (the real rows' images first, as the model scatters them).
     """
     cat = lambda a, b: a if b is None else (b if a is None else torch.cat([a, b]))  # noqa: E731
+    psp = real.packed_seq_params
+    if psp is not None:                                   # the masked copy follows the real one in the sequence
+        from megatron_papo.training.packing import concat_packed_seq_params
+
+        psp = concat_packed_seq_params(psp, masked.packed_seq_params)
     return MicroBatch(torch.cat([real.input_ids, masked.input_ids]), torch.cat([real.targets, masked.targets]),
                       torch.cat([real.resp_index, masked.resp_index]), real.resp_mask,
                       cat(real.pixel_values, masked.pixel_values), cat(real.image_grid_thw, masked.image_grid_thw),
-                      real.tokens)
+                      real.tokens, psp, real.row_index)
 
 
 def paired_response_stats(logits: torch.Tensor, mb: MicroBatch, temperature: float, masked_grad: bool):
     """logits [2b, S, V/tp] of a :func:`pair` micro-batch -> (logp, entropy, mask_logp, exact KL(real || masked)),
     each [b, T]. Without ``masked_grad`` the masked rows are a constant target (no gradient through them)."""
-    b = mb.resp_mask.shape[0]
-    real, masked = logits[:b], logits[b:]
+    half = logits.shape[0] // 2                           # b padded rows, or k packed sequences
+    real, masked = logits[:half], logits[half:]
     if not masked_grad:
         masked = masked.detach()
-    st = vocab_parallel_pair_stats(real, masked, mb.targets[:b], temperature=temperature)  # each [b, S]
-    idx = mb.resp_index[:b]
-    return tuple(x.gather(1, idx) for x in (st.log_probs, st.entropy, st.log_probs_q, st.kl))
+    st = vocab_parallel_pair_stats(real, masked, mb.targets[:half], temperature=temperature)  # each [half, S]
+    idx = mb.resp_index[:mb.resp_mask.shape[0]]
+    return tuple(gather_positions(_flat(x, mb), idx) for x in (st.log_probs, st.entropy, st.log_probs_q, st.kl))
+
+
+def model_forward(model, mb: MicroBatch):
+    """One micro-batch through (this stage of) the model: logits [k|b, S, V/tp] on the last stage, hidden states
+    elsewhere. Packed sequences [k, S] run as one [1, k*S] sequence and come back as [k, S, V/tp]."""
+    if mb.packed_seq_params is None:
+        return model(mb.input_ids, pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+    k, s = mb.input_ids.shape
+    out = model(mb.input_ids.reshape(1, k * s), pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw,
+                packed_seq_params=mb.packed_seq_params)
+    return out.reshape(k, s, -1) if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else out
 
 
 def run_schedule(model, micro_batches: list[MicroBatch], loss_fn: Callable, *, forward_only: bool,
@@ -159,14 +199,15 @@ def run_schedule(model, micro_batches: list[MicroBatch], loss_fn: Callable, *, f
         return []
     dev = next(model.parameters()).device
     batches = [to_device(mb, dev) for mb in micro_batches]
-    run = logits_fn or (lambda m, mb: m(mb.input_ids, pixel_values=mb.pixel_values,
-                                        image_grid_thw=mb.image_grid_thw))
+    run = logits_fn or model_forward
 
     def forward_step(data_iterator, m):
         mb = next(data_iterator)
         return run(m, mb), lambda out: loss_fn(out, mb)
 
     b, s = batches[0].input_ids.shape
+    if batches[0].packed_seq_params is not None:          # pipeline stages exchange [k*S, 1, h]
+        b, s = 1, b * s
     with torch.set_grad_enabled(not forward_only):
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
