@@ -7,7 +7,7 @@ PIP    := $(VPY) -m pip
 TORCH_CPU ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test install install-test benchmarks docker clean
+.PHONY: demo test install install-test benchmarks docker clean gpu-wheels gpu-check
 
 $(VENV)/.created:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -45,6 +45,23 @@ benchmarks: $(VENV)/.installed-test
 
 docker:
 	docker build -t megatron-papo:latest .
+
+# The prepared GPU check (tools/gpu_check.py). gpu-wheels (where pip reaches the registry) downloads megatron-core
+# and the Python dependencies into .gpu_wheels/; gpu-check (on the GPU machine, whose python3 has torch) installs
+# from there without an index, taking what the machine already has, then runs the check.
+GPU_PYTHON ?= python3
+GPU_CORE_REQS := megatron-core==0.16.1 numpy pyyaml pillow psutil safetensors sentencepiece tqdm webdataset \
+                 mathruler==0.1.0 pylatexenc
+gpu-wheels:
+	tools/gpu_wheels.sh
+
+gpu-check:
+	@if [ -d .gpu_wheels ]; then \
+	  $(GPU_PYTHON) -m pip install -q --no-index --find-links .gpu_wheels $(GPU_CORE_REQS) && \
+	  { $(GPU_PYTHON) -m pip install -q --no-index --find-links .gpu_wheels "transformers>=5.0,<6" || \
+	    echo "transformers not installable here: section 2 will fail"; }; \
+	fi
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -30,11 +30,17 @@ setup(
         "sympy>=1.12",
     ],
     extras_require={
-        # Present in NGC PyTorch containers; used when importable (FP8, fused kernels).
-        "gpu": ["transformer-engine[pytorch]", "apex"],
+        # Deliberately empty: Transformer Engine (FP8, fused layers) and NVIDIA apex (fused kernels) come with the
+        # NGC PyTorch container. Neither can be an extra: the registry's "apex" is an unrelated web toolkit
+        # (NVIDIA apex is not on the registry), and Transformer Engine's torch extension is a source
+        # distribution that must be built with --no-build-isolation against the installed torch and a CUDA
+        # toolkit. README section "GPU" gives the route for each machine; without them torch fallbacks run.
+        "gpu": [],
         # transformers is the independent reference of the model and the HF checkpoint format.
         "hf": ["transformers>=5.0,<6"],
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.0,<6"],
+        # the chart of `megatron-papo compare --plot`
+        "plot": ["matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.0,<6", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-papo=megatron_papo.cli:main"]},
 )

@@ -1,13 +1,21 @@
-"""RL step time of PAPO-G over GRPO, same config and seed, measured side by side in one process.
+"""RL step time of PAPO-G and VPPO over GRPO, and of one extra view, same config and seed, side by side in one
+process.
 
-Both runs start from the same weights (same seed) and read the same prompts; their steps are interleaved
-(GRPO step k, PAPO-G step k, PAPO-G step k+1, GRPO step k+1, ...: which goes first alternates) so a load change on the machine hits both alike, and the first
-``--warmup`` steps of each are not timed. PAPO-G's extra work per step: masking the images and the masked rows'
-scoring forward (batched with the old-log-prob forward). Per phase the table shows the median wall seconds per
-step; a step's time is also taken as process CPU time (with ``--threads 1`` the two agree on an idle machine, and
-CPU time is barely disturbed by other jobs on a shared one). The last line is
-``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>``; the line before it gives the machine's
-load average (1 minute) at the start and end of the timed steps, for judging how shared the machine was.
+Arms (all on the GRPO base, so only the view work differs): ``grpo``; ``papo_g`` (the masked view, PAPO's loss
+terms); ``vppo`` (GRPO + the VPPO consumer: the masked view, token filter and advantage shaping); ``papo_g+blank``
+(PAPO-G with a second view, ``blank``, scored in the same pass). Every run starts from the same weights (same seed)
+and reads the same prompts; their steps are interleaved (the order rotates each step) so a load change on the
+machine hits all alike, and the first ``--warmup`` steps of each are not timed. A view's extra work per step is
+making its images and scoring its rows (batched with the old-log-prob forward), so the scoring phase grows by one
+pass over the rows per view and the other phases do not move.
+
+Per phase the table shows the median wall seconds per step, then each arm's step CPU time over GRPO's, the passes
+over the rows its scoring phase makes (old log-probs unless the rollout's, one per view, the reference's) and the
+median scoring seconds per pass. A step's time is also taken as process CPU time (with ``--threads 1`` the two
+agree on an idle machine, and CPU time is barely disturbed by other jobs on a shared one). The last line is
+``ratio=<median PAPO-G step CPU time / median GRPO step CPU time>`` (the VPPO ratio is printed above it); the line
+before it gives the machine's load average (1 minute) at the start and end of the timed steps, for judging how
+shared the machine was.
 
 The scoring pass takes the run's ``training.prefix_scoring`` (default on: each distinct prompt once, at PP=1);
 ``--set training.prefix_scoring=false`` measures the plain path (every row through megatron's schedule).
@@ -43,16 +51,42 @@ def _args():
     return p.parse_args()
 
 
-def _config(args, preset: str, workdir: str):
+ARMS = {"grpo": ("algorithm.preset=grpo",), "papo_g": ("algorithm.preset=papo_g",),
+        "vppo": ("algorithm.preset=grpo", "algorithm.consumers=[vppo]"),
+        "papo_g+blank": ("algorithm.preset=papo_g", "algorithm.views=[masked,blank]")}
+
+
+def _config(args, arm: tuple, workdir: str):
     from megatron_papo.config import load_config
     from megatron_papo.training.entry import default_config_tree
 
-    sets = [f"algorithm.preset={preset}", f"training.prompts_per_step={args.prompts}",
+    sets = [*arm, f"training.prompts_per_step={args.prompts}",
             f"training.prompts_per_update={args.prompts}", f"rollout.n={args.n}",
             f"rollout.max_new_tokens={args.max_new_tokens}", "training.warmup_sft_steps=0",
             "logging.tensorboard_dir=null", "logging.progress=false", f"checkpoint.dir={workdir}/ckpt",
             f"data.train_shards={workdir}/data"]
     return load_config(None, sets + list(args.overrides), base=default_config_tree())
+
+
+def _scoring_passes(ctx) -> int:
+    """Passes over the rows in the scoring phase: old log-probs (unless the rollout's), one per view, reference."""
+    from megatron_papo.algorithms.consumers import view_plan
+    from megatron_papo.training.rl_step import rollout_logprobs_usable
+
+    cfg = ctx.cfg
+    return (not rollout_logprobs_usable(cfg)) + len(view_plan(cfg.algorithm).scored) + (ctx.reference is not None)
+
+
+def _table(med: dict, passes: dict) -> None:
+    names = list(med)
+    print(f"{'phase (median s/step)':<24}" + "".join(f"{n:>14}" for n in names))
+    for k in PHASES:
+        print(f"{k.replace('time/', ''):<24}" + "".join(f"{med[n][k]:>14.4f}" for n in names))
+    print(f"{'step / grpo step (cpu)':<24}" + "".join(f"{med[n]['cpu/step'] / med['grpo']['cpu/step']:>14.3f}"
+                                                      for n in names))
+    print(f"{'scoring passes':<24}" + "".join(f"{passes[n]:>14d}" for n in names))
+    print(f"{'scoring s / pass':<24}" + "".join(f"{med[n]['time/scoring'] / max(passes[n], 1):>14.4f}"
+                                                for n in names))
 
 
 def main() -> int:
@@ -71,14 +105,15 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="papo_overhead_") as workdir:
         runs = {}
-        for name, preset in (("grpo", "grpo"), ("papo_g", "papo_g")):
-            run = build_run(_config(args, preset, workdir))   # same seed: same initial weights and prompts
+        for name, arm in ARMS.items():
+            run = build_run(_config(args, arm, workdir))      # same seed: same initial weights and prompts
             runs[name] = (run, iter(run.reader))
         times = {name: {k: [] for k in PHASES} for name in runs}
         load = [os.getloadavg()[0]]
         tokens = {name: 0.0 for name in runs}
         for step in range(1, args.warmup + args.steps + 1):
-            order = list(runs) if step % 2 else list(runs)[::-1]   # neither always runs right after the other
+            k = step % len(runs)
+            order = list(runs)[k:] + list(runs)[:k]            # none always runs right after another
             for name in order:
                 run, it = runs[name]
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -92,15 +127,13 @@ def main() -> int:
                                               else f"{n} (warm-up)" for n in runs), file=sys.stderr, flush=True)
         load.append(os.getloadavg()[0])
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-    print(f"{'phase (median s/step)':<24}{'grpo':>10}{'papo_g':>10}{'ratio':>8}")
-    for k in PHASES:
-        g, p = med["grpo"][k], med["papo_g"][k]
-        print(f"{k.replace('time/', ''):<24}{g:>10.4f}{p:>10.4f}{(p / g if g else float('nan')):>8.3f}")
+    _table(med, {n: _scoring_passes(r.ctx) for n, (r, _) in runs.items()})
     for n in runs:
         print(f"mean response length {n}: {tokens[n] / args.steps:.2f} tokens")
     print(f"wall-time ratio (median step): {med['papo_g']['time/step'] / med['grpo']['time/step']:.4f}")
     paired = statistics.median(p / g for p, g in zip(times["papo_g"]["cpu/step"], times["grpo"]["cpu/step"]))
     print(f"paired ratio (median over steps of PAPO-G / GRPO CPU time of the same step): {paired:.4f}")
+    print(f"vppo ratio (median VPPO / GRPO step CPU time): {med['vppo']['cpu/step'] / med['grpo']['cpu/step']:.4f}")
     print(f"load average (1 min): {load[0]:.2f} at start, {load[1]:.2f} at end")
     print(f"ratio={med['papo_g']['cpu/step'] / med['grpo']['cpu/step']:.4f}")
     return 0

@@ -35,9 +35,9 @@ class ModelConfig:
     load: Optional[str] = None
     # layer implementation: local (torch SDPA, runs on CPU) | transformer_engine (GPU, needed for FP8)
     transformer_impl: str = "local"
-    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and a Hopper+ GPU)
+    # FP8 format: null (off) | e4m3 | hybrid (needs Transformer Engine and an Ada, Hopper or Blackwell GPU)
     fp8: Optional[str] = None
-    # FP8 scaling recipe: delayed | tensorwise | mxfp8
+    # FP8 scaling recipe: delayed | tensorwise (Ada+) | blockwise (Hopper, CUDA >= 12.9) | mxfp8 (Blackwell)
     fp8_recipe: str = "delayed"
     # parameter dtype: float32 | bfloat16
     params_dtype: str = "float32"
@@ -78,6 +78,8 @@ class DataConfig:
     min_pixels: int = 256 * 28 * 28
     # largest image area in pixels after resize
     max_pixels: int = 1280 * 28 * 28
+    # validation shards evaluated during training every training.eval_interval RL steps (null: none)
+    val_shards: Optional[str] = None
 
 
 @dataclass
@@ -101,7 +103,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    # preset whose published hyper-parameters fill every field not set explicitly: grpo | dapo | papo_g | papo_d
+    # preset whose published hyper-parameters fill every field not set explicitly: grpo | dapo | papo_g | papo_d | vppo
     preset: str = "papo_g"
     # advantage estimator (registry name)
     advantage: str = "grpo"
@@ -143,6 +145,22 @@ class AlgorithmConfig:
     mask_fill: int = 0
     # mask on the model's merged-patch grid (28 px Qwen2.5-VL, 32 px Qwen3-VL) instead of the raw pixel grid
     mask_on_merged_grid: bool = False
+    # auxiliary views scored in the one no-grad pass: masked | blank | noise (null: the views the consumers read)
+    views: Optional[list] = None
+    # consumers of the view log-probs: papo | vppo (null: papo when gamma > 0 or eta2 > 0, else none)
+    consumers: Optional[list] = None
+    # draw the random views (masked, noise) once per response instead of once per prompt (no prefix sharing then)
+    view_per_response: bool = False
+    # standard deviation of the Gaussian noise added to the normalised pixels (noise view)
+    noise_sigma: float = 1.0
+    # VPPO: fraction p of each response's tokens that keep the policy-gradient term (top ceil(p*|o|) by dependency)
+    vppo_token_fraction: float = 0.4
+    # VPPO: smallest advantage scale s_min (largest: s_min + (1 - s_min) / mean of the normalised dependencies)
+    vppo_s_min: float = 0.9
+    # VPPO: the view whose log-probs measure visual dependency (must be among the scored views)
+    vppo_view: str = "masked"
+    # VPPO shaping statistics: global (RL step, all DP ranks) | reference (per rank: mini-batch min/max, micro mean)
+    vppo_stats: str = "global"
 
 
 @dataclass
@@ -190,6 +208,12 @@ class TrainingConfig:
     cpu_threads: int = 0
     # scoring pass runs each distinct prompt once and the rows' responses against it (PP=1, local spec; else plain)
     prefix_scoring: bool = True
+    # validate on data.val_shards every N RL steps: avg@k and image reliance to console and tensorboard (0: off)
+    eval_interval: int = 0
+    # validation questions: the first N good samples of data.val_shards (0: all)
+    eval_limit: int = 64
+    # answers sampled per validation question (avg@k)
+    eval_k: int = 2
 
 
 @dataclass
@@ -237,6 +261,11 @@ ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
                  gamma=0.0, eta1=0.0, eta2=0.0, dynamic_sampling=True),
     "papo_d": dict(advantage="grpo", policy_loss="papo", eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, beta=0.0,
                    gamma=0.01, eta1=0.03, eta2=0.03, dynamic_sampling=True),
+    # VPPO (arXiv 2510.09285): DAPO + entropy penalty 0.06 on the sampled-token NLL, token filter p = 0.4 and
+    # advantage shaping s_min = 0.9 from the masked view (mask ratio 0.5)
+    "vppo": dict(advantage="grpo", policy_loss="papo", eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, beta=0.0,
+                 gamma=0.0, eta1=0.06, eta2=0.0, dynamic_sampling=True, mask_ratio=0.5, consumers=["vppo"],
+                 vppo_token_fraction=0.4, vppo_s_min=0.9),
 }
 
 _CHOICES = {
@@ -244,11 +273,12 @@ _CHOICES = {
                      "qwen3-vl-tiny", "qwen3-vl-2b", "qwen3-vl-4b", "qwen3-vl-8b", "qwen3-vl-32b"),
     "model.transformer_impl": ("local", "transformer_engine"),
     "model.fp8": (None, "e4m3", "hybrid"),
-    "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8"),
+    "model.fp8_recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
     "model.params_dtype": ("float32", "bfloat16"),
     "data.tokenizer.type": ("sentencepiece", "huggingface"),
     "algorithm.preset": tuple(ALGORITHM_PRESETS),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "microbatch-token-mean"),
+    "algorithm.vppo_stats": ("global", "reference"),
     "optimizer.schedule": ("constant", "cosine"),
 }
 
@@ -425,9 +455,37 @@ def validate(cfg: Config) -> None:
     if cfg.model.fp8 is not None and cfg.model.transformer_impl != "transformer_engine":
         raise ConfigError("model.fp8 needs model.transformer_impl=transformer_engine (Transformer Engine on a "
                           "GPU); set model.fp8=null to train without FP8")
+    _validate_views(cfg.algorithm)
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels "
                           f"({cfg.data.max_pixels})")
+    _validate_eval(cfg.training, cfg.data)
+
+
+def _validate_eval(t: TrainingConfig, d: DataConfig) -> None:
+    for name in ("eval_interval", "eval_limit"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"training.{name} must be >= 0, got {getattr(t, name)}")
+    if t.eval_k < 1:
+        raise ConfigError(f"training.eval_k must be >= 1, got {t.eval_k}")
+    if t.eval_interval and not d.val_shards:
+        raise ConfigError("training.eval_interval > 0 needs data.val_shards (the validation shards); set it, or "
+                          "training.eval_interval=0")
+
+
+def _validate_views(a: AlgorithmConfig) -> None:
+    if not 0.0 < a.vppo_token_fraction <= 1.0:
+        raise ConfigError(f"algorithm.vppo_token_fraction must be in (0, 1], got {a.vppo_token_fraction}")
+    if not 0.0 <= a.vppo_s_min <= 1.0:
+        raise ConfigError(f"algorithm.vppo_s_min must be in [0, 1], got {a.vppo_s_min}")
+    if a.noise_sigma < 0:
+        raise ConfigError(f"algorithm.noise_sigma must be >= 0, got {a.noise_sigma}")
+    from megatron_papo.algorithms.consumers import check_views_and_consumers   # registries: imported when used
+
+    try:
+        check_views_and_consumers(a)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ def test_defaults_validate_and_presets_fill_fields():
     assert (d.gamma, d.eta1, d.eta2, d.eps_high, d.beta, d.dynamic_sampling) == (0.01, 0.03, 0.03, 0.28, 0.0, True)
     g = load_config(overrides=["algorithm.preset=grpo", "algorithm.eps_high=0.25"]).algorithm
     assert g.gamma == 0.0 and g.eps_high == 0.25  # explicit fields beat the preset
-    assert set(ALGORITHM_PRESETS) == {"grpo", "dapo", "papo_g", "papo_d"}
+    assert set(ALGORITHM_PRESETS) == {"grpo", "dapo", "papo_g", "papo_d", "vppo"}
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -38,6 +38,13 @@ Presets: ``algorithm_preset("papo_g" | "papo_d" | "grpo" | "dapo", **overrides) 
 Collapse: ``CollapseDetector().update(step_metrics, step)`` returns a warning string when perception KL, clip
 fraction and both NLLs rise together.
 
+Views, signals, consumers (once per RL step, after the no-grad scoring pass)::
+
+    views = views.make_views(["masked", "blank"], requests, cfg, processor)   # name -> one (pixels, grid) per row
+    dep = signals.visual_dependency(old_logp, view_logp)                      # [N, T], also k3, abs_delta_logp, ...
+    metrics = consumers.apply_consumers(cfg, tokens, {"masked": view_logp}, layout, response_mask, dp_group)
+    # tokens gains mask_logp (papo) / pg_mask (vppo); tokens["advantages"] is scaled by vppo's shaping
+
 Masking: ``masking.random_patch_blackening(image, patch_size=14, ratio=0.6, generator=None)`` and
 ``masking.mask_rollout_batch(prompt_images, n, seed=, step=, prompt_offset=)`` (one mask per prompt, shared by
 its n rollouts, reproducible from (seed, step, global prompt index)).

@@ -50,22 +50,26 @@ def random_patch_blackening(image: Image.Image, patch_size: int = 14, ratio: flo
     return out if out.mode == image.mode else out.convert(image.mode)
 
 
-def mask_rng(seed: int, step: int, prompt_index: int) -> np.random.Generator:
-    """The generator for one prompt's masks: independent streams per (run seed, RL step, global prompt index)."""
-    return np.random.default_rng([int(seed), int(step), int(prompt_index)])
+def mask_rng(seed: int, step: int, prompt_index: int, response_index: Optional[int] = None) -> np.random.Generator:
+    """The generator for one prompt's masks: independent streams per (run seed, RL step, global prompt index), and
+    per response within the prompt when ``response_index`` is given (one mask per response)."""
+    key = [int(seed), int(step), int(prompt_index)] + ([] if response_index is None else [int(response_index)])
+    return np.random.default_rng(key)
 
 
 def mask_prompt_images(images: Sequence[Image.Image], *, seed: int, step: int, prompt_index: int,
                        patch_size: int = 14, ratio: float = 0.6, fill: int = 0,
-                       target_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[Image.Image]:
+                       target_sizes: Optional[Sequence[tuple[int, int]]] = None,
+                       response_index: Optional[int] = None) -> list[Image.Image]:
     """Mask all images of one prompt, drawing in order from one generator seeded by (seed, step, prompt_index).
 
     ``prompt_index`` should be the prompt's index in the whole RL step (all DP ranks), so masks do not depend on the
     parallel layout. ``target_sizes`` [(height, width)] per image masks on the model's grid instead of the raw one:
     each image is first resized (bicubic, as the Qwen2-VL processor does) to that size, e.g. with
     ``patch_size=28`` the merged-patch grid; get the sizes from :func:`resized_sizes_from_grid`.
+    ``response_index`` draws the mask of one response of the prompt (see :func:`mask_rng`).
     """
-    gen = mask_rng(seed, step, prompt_index)
+    gen = mask_rng(seed, step, prompt_index, response_index)
     if target_sizes is not None and len(target_sizes) != len(images):
         raise ValueError(f"target_sizes has {len(target_sizes)} entries for {len(images)} images")
     out = []

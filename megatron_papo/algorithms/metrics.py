@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_papo.platform.device import device
+
 COUNT_KEYS = ("num_tokens", "num_seqs")
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,20 @@ def reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]], group=None) -
     totals = dict(zip(keys, sums.tolist()))
     tokens = max(totals.get("num_tokens", 0.0), 1.0)
     return {k: v if k in COUNT_KEYS else v / tokens for k, v in totals.items()}
+
+
+def reduce_means(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], group=None) -> dict[str, float]:
+    """Exact means of ``{name: (sum, count)}`` over the DP ``group`` (None: this rank only), one collective for all;
+    a name with a zero total count gives 0. Every rank must pass the same names."""
+    if not pairs:
+        return {}
+    keys = sorted(pairs)
+    vals = torch.stack([torch.stack([pairs[k][0].detach().double().reshape(()),
+                                     pairs[k][1].detach().double().reshape(())]) for k in keys])   # [K, 2]
+    if group is not None and dist.is_initialized():
+        vals = vals.to(device())                     # the collective backend's device (gloo: CPU)
+        dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=group)
+    return {k: (s / c if c > 0 else 0.0) for k, (s, c) in zip(keys, vals.tolist())}
 
 
 class CollapseDetector:

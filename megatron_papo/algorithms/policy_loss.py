@@ -5,10 +5,11 @@ positions where ``response_mask`` is set count. Per token (shared/PAPO.md sectio
 
     r       = exp(clamp(logp - old_logp, -20, 20))
     pg      = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  capped at -A C where A < 0 (dual clip)
-    loss_t  = pg + beta k3(logp, ref_logp) - gamma KL_prcp + eta1 (-logp) + eta2 (-mask_logp)
+    loss_t  = pg * pg_mask + beta k3(logp, ref_logp) - gamma KL_prcp + eta1 (-logp) + eta2 (-mask_logp)
 
 with ``KL_prcp = k3(logp, mask_logp)`` (or the exact full-vocabulary KL passed in ``perception_kl``); the
 perception term is *maximised* (subtracted). ``mask_logp`` is detached unless ``cfg.perception_grad``.
+``pg_mask`` (VPPO's token filter, a consumer's output) is 1 everywhere when not given.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class PolicyLossInputs:
     perception_kl: Optional[Tensor] = None
     # [B, T] full-vocabulary entropy of the policy, for the metrics only
     entropy: Optional[Tensor] = None
+    # [B, T] 0/1: tokens that keep the policy-gradient term (VPPO's token filter; None: all)
+    pg_mask: Optional[Tensor] = None
 
 
 PolicyLossFn = Callable[[PolicyLossInputs, AlgorithmConfig, Aggregation], tuple[Tensor, dict[str, Tensor]]]
@@ -112,6 +115,8 @@ def papo_policy_loss(inp: PolicyLossInputs, cfg: AlgorithmConfig,
     inp = _zero_padding(inp, mask)
     logp = inp.logp
     pg, flags = dual_clip_pg(logp, inp.old_logp, inp.advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
+    if inp.pg_mask is not None:
+        pg = pg * inp.pg_mask.detach()                                     # filtered tokens: no policy gradient
     total = pg
     terms: dict[str, Tensor] = {"pg_loss": pg, "nll": -logp}
     if cfg.beta > 0:

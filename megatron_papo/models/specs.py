@@ -37,9 +37,11 @@ def te_layer_spec() -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
 
 
-def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
-    """Raise a ValueError when the requested implementation cannot run here (never fall back silently)."""
+def check_transformer_impl(transformer_impl: str, fp8: str | None, fp8_recipe: str = "delayed") -> None:
+    """Raise a ValueError when the requested implementation cannot run here (never fall back silently); an FP8
+    recipe the GPU's generation cannot run is named with that generation (platform.gpu)."""
     from megatron_papo.platform import fp8_available, has_gpu
+    from megatron_papo.platform.gpu import check_fp8_recipe
 
     if transformer_impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"model.transformer_impl '{transformer_impl}' is unknown; use one of {TRANSFORMER_IMPLS}")
@@ -50,12 +52,13 @@ def check_transformer_impl(transformer_impl: str, fp8: str | None) -> None:
         ok, why = fp8_available()
         if not ok:
             raise ValueError(f"model.fp8={fp8!r} cannot run here: {why}; set model.fp8=null")
+        check_fp8_recipe(fp8_recipe)
     if transformer_impl == "transformer_engine":
         try:
             import transformer_engine.pytorch  # noqa: F401
         except ImportError as e:
             raise ValueError("model.transformer_impl=transformer_engine needs Transformer Engine "
-                             "(pip install transformer-engine[pytorch] or an NGC PyTorch container); "
+                             "(an NGC PyTorch container, or README section 'GPU' for installing it); "
                              "use transformer_impl=local without it") from e
         if not has_gpu():
             raise ValueError("model.transformer_impl=transformer_engine needs a GPU; use transformer_impl=local")

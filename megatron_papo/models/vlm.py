@@ -19,11 +19,13 @@ from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_papo.models import fp8_padding
 from megatron_papo.models.configs import check_tp_divisibility, language_config, vision_config
 from megatron_papo.models.presets import VLMSpec, get_preset
 from megatron_papo.models.rope_index import get_rope_index
 from megatron_papo.models.specs import check_transformer_impl, language_layer_spec, vision_layer_spec
 from megatron_papo.models.vision import VisionTower
+from megatron_papo.platform import device
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -52,8 +54,8 @@ class Qwen25VLModel(MegatronModule):
             rotary_base=spec.rope_theta, parallel_output=True)
         self.vision = None
         if pre_process:
-            vis_cfg = vision_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
-                                    recompute=recompute)
+            # the vision tower never runs in FP8 (fp8_padding: varying patch counts, MLP width not 16-aligned)
+            vis_cfg = vision_config(spec, params_dtype=params_dtype, fp8=None, recompute=recompute)
             self.vision = VisionTower(vis_cfg, spec.vision, vision_layer_spec(transformer_impl))
             if freeze_vision:
                 self.vision.requires_grad_(False)
@@ -135,12 +137,14 @@ def build_vlm(preset: str | VLMSpec, *, vocab_size: int | None = None, image_tok
                                           vision_start_token_id=vision_start_token_id).items() if val is not None}
     spec = dataclasses.replace(spec, **overrides)
     spec.validate()
-    check_transformer_impl(transformer_impl, fp8)
+    check_transformer_impl(transformer_impl, fp8, fp8_recipe)
     check_tp_divisibility(spec, parallel_state.get_tensor_model_parallel_world_size())
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    return Qwen25VLModel(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
-                         params_dtype=params_dtype, freeze_vision=freeze_vision, pre_process=pre_process,
-                         post_process=post_process, recompute=recompute)
+    fp8_padding.configure(fp8, fp8_recipe)      # micro-batches are padded to FP8's token alignment
+    model = Qwen25VLModel(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
+                          params_dtype=params_dtype, freeze_vision=freeze_vision, pre_process=pre_process,
+                          post_process=post_process, recompute=recompute)
+    return model.to(device())                    # built on the CPU (use_cpu_initialization), run on this rank's GPU

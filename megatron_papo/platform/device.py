@@ -1,4 +1,4 @@
-"""Device and collective backend choice: the only place that names CUDA or NCCL."""
+"""Device and collective backend, timing and peak memory (with gpu.py, the only modules that name CUDA or NCCL)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,12 @@ def has_gpu() -> bool:
 
 
 def backend() -> str:
-    """``nccl`` with a GPU, ``gloo`` otherwise (override with MEGATRON_PAPO_BACKEND)."""
-    return os.environ.get("MEGATRON_PAPO_BACKEND") or ("nccl" if has_gpu() else "gloo")
+    """NCCL for GPU tensors with a GPU, gloo otherwise (override with MEGATRON_PAPO_BACKEND).
+
+    With a GPU the default group is ``cpu:gloo,cuda:nccl``: model tensors go through NCCL, and the small CPU
+    tensors of the trainer's bookkeeping (token counts, metrics, agreement flags) through gloo, instead of
+    failing in NCCL, which only takes CUDA tensors. megatron's groups inherit both."""
+    return os.environ.get("MEGATRON_PAPO_BACKEND") or ("cpu:gloo,cuda:nccl" if has_gpu() else "gloo")
 
 
 def device(local_rank: int | None = None) -> torch.device:
@@ -60,12 +64,46 @@ def max_memory_allocated() -> int:
 def fp8_available() -> tuple[bool, str]:
     """Whether FP8 can run here, and why not if it cannot."""
     if not has_gpu():
-        return False, "FP8 needs an NVIDIA GPU (Hopper or newer); none is visible to torch"
+        return False, "FP8 needs an NVIDIA GPU (Ada, Hopper or Blackwell); none is visible to torch"
     try:
         import transformer_engine.pytorch  # noqa: F401
     except ImportError:
-        return False, "FP8 needs Transformer Engine: install transformer-engine[pytorch] or use an NGC PyTorch container"
-    major, _ = torch.cuda.get_device_capability()
-    if major < 9:
-        return False, f"FP8 needs compute capability >= 9.0 (Hopper); this GPU has {major}.x"
+        return False, ("FP8 needs Transformer Engine: use an NGC PyTorch container or install it (README section "
+                       "'GPU')")
+    from megatron_papo.platform.gpu import generation
+
+    cc = tuple(torch.cuda.get_device_capability())
+    if cc < (8, 9):
+        return False, f"FP8 needs an Ada, Hopper or Blackwell GPU (compute capability >= 8.9); this is {generation(cc)}"
     return True, ""
+
+
+def reset_peak_memory() -> None:
+    if has_gpu():
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Timer:
+    """Wall time of a block of device work: CUDA events on a GPU (queued work included), perf_counter on CPU.
+
+    ``with Timer() as t: ...`` then ``t.seconds``."""
+
+    def __enter__(self):
+        import time
+
+        if has_gpu():
+            self._start, self._end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        if has_gpu():
+            self._end.record()
+            self._end.synchronize()
+            self.seconds = self._start.elapsed_time(self._end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self._t0

@@ -28,6 +28,7 @@ import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.pipeline import Stages, eval_mode
@@ -88,11 +89,14 @@ class MegatronEngine:
 
     # --- public -------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence, n: int, params: SamplingParams, seed: int) -> RolloutOutput:
+    def generate(self, prompts: Sequence, n: int, params: SamplingParams, seed: int,
+                 row_offset: int = 0) -> RolloutOutput:
+        """``row_offset``: the first row's id in the random streams (row i draws from ``row_offset + i``), so a
+        caller that splits a fixed list of prompts into batches (or over ranks) gets the same draws per prompt."""
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
-        with eval_mode(self.model, torch.inference_mode):
+        with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model):  # unaligned token counts
             batch = self._layout(prompts, n, params.max_new_tokens)
             context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
             ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
@@ -104,7 +108,7 @@ class MegatronEngine:
                 ctx.share_prefix(L, n, batch.real[::n, :L], batch.real.shape[1] - L)
             else:
                 _expand_cache(ctx, torch.arange(len(prompts)).repeat_interleave(n))
-            tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed)
+            tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed, row_offset)
         return self._output(prompts, n, tokens, logprobs, lengths, reasons)
 
     # --- steps --------------------------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class MegatronEngine:
         ctx.enable_decode_mode()
         return torch.cat(chunks) if self.stages.last else None
 
-    def _decode(self, logits, batch: _Batch, ctx, params, seed):
+    def _decode(self, logits, batch: _Batch, ctx, params, seed, row_offset=0):
         N, L = batch.positions.shape[1], batch.ids.shape[1]
         T = batch.real.shape[1] - L
         tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
@@ -173,7 +177,7 @@ class MegatronEngine:
         rows = torch.arange(N)  # cache row r holds sample rows[r]
         positions, real = batch.positions, batch.real
         for t in range(T):
-            tok, lp = self._pick(logits, rows, t, params, seed)
+            tok, lp = self._pick(logits, rows + row_offset, t, params, seed)
             tokens[rows, t], logprobs[rows, t] = tok, lp
             running = reason[rows] == 0
             reason[rows] = self._finish(tok, rows, t, tokens, batch.limits, params, reason[rows])
@@ -203,14 +207,16 @@ class MegatronEngine:
         picked = None
         if self.stages.last:
             logits = self._ban(logits)
-            tok, lp = sample(logits, params, seed=seed, row_ids=rows, step=t, vocab_size=self.vocab_size)
+            tok, lp = sample(logits, params, seed=seed, row_ids=rows.to(logits.device), step=t,
+                             vocab_size=self.vocab_size)
             picked = torch.stack([tok.double(), lp.double()], -1)
-        picked = self.stages.broadcast_from_last(picked, (len(rows), 2), torch.float64)
+        picked = self.stages.broadcast_from_last(picked, (len(rows), 2), torch.float64).cpu()
         return picked[:, 0].long(), picked[:, 1].float()
 
     def _ban(self, logits):  # [b, Vs] this rank's shard
         start = self.stages.tp_rank * logits.shape[-1]
-        local = self.banned_ids[(self.banned_ids >= start) & (self.banned_ids < start + logits.shape[-1])] - start
+        banned = self.banned_ids.to(logits.device)
+        local = banned[(banned >= start) & (banned < start + logits.shape[-1])] - start
         # in place: the engine owns these logits (a fresh model output or its per-sample copy)
         return logits.index_fill_(-1, local, float("-inf")) if local.numel() else logits
 
@@ -241,4 +247,5 @@ class MegatronEngine:
 def _expand_cache(ctx: StaticInferenceContext, index: torch.Tensor) -> None:
     """Keep / repeat KV-cache rows: new row r = old row index[r] (expanding prompts to samples, compacting)."""
     for layer, (k, v) in ctx.key_value_memory_dict.items():  # [S, b, ng, hn] each
-        ctx.key_value_memory_dict[layer] = (k.index_select(1, index), v.index_select(1, index))
+        idx = index.to(k.device)
+        ctx.key_value_memory_dict[layer] = (k.index_select(1, idx), v.index_select(1, idx))

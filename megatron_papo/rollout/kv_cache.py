@@ -44,7 +44,8 @@ class SharedPrefixContext(StaticInferenceContext):
     def share_prefix(self, prompt_len: int, n, keep: torch.Tensor, max_new: int) -> None:
         """After the prefill: keep each prompt's cache once ([P, ng, L, hn]) and make room for n rows each
         (``n`` an int, or a list of rows per prompt)."""
-        self.prefix, self.prefix_len, self.prefix_keep = {}, prompt_len, keep
+        dev = next(iter(self.key_value_memory_dict.values()))[0].device if self.key_value_memory_dict else None
+        self.prefix, self.prefix_len, self.prefix_keep = {}, prompt_len, keep.to(dev) if dev else keep
         num_p = keep.shape[0]
         self.row_counts = [n] * num_p if isinstance(n, int) else [int(c) for c in n]
         for layer, (k, v) in list(self.key_value_memory_dict.items()):  # [L + T, P, ng, hn]
@@ -56,7 +57,8 @@ class SharedPrefixContext(StaticInferenceContext):
         """Drop finished rows: new row r = old row keep[r] (keep ascending, so rows stay prompt-major)."""
         self.row_counts = torch.bincount(row_prompt[keep], minlength=len(self.row_counts)).tolist()
         for layer, (k, v) in self.key_value_memory_dict.items():
-            self.key_value_memory_dict[layer] = (k.index_select(0, keep), v.index_select(0, keep))
+            idx = keep.to(k.device)
+            self.key_value_memory_dict[layer] = (k.index_select(0, idx), v.index_select(0, idx))
 
     def decode_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> SharedPrefixKV:
         """Store the new tokens' rotated keys / values ([sq, b, ng, hn]: sq = 1 per decode step, the whole

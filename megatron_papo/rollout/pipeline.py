@@ -71,6 +71,7 @@ class Stages:
         # hidden states, plus whatever the model family sends along (Qwen3-VL: DeepStack features across a split)
         self.hidden_size = self.model.pipeline_hidden_size
         self.dtype = cfg.params_dtype
+        self.device = next(self.model.parameters()).device  # the engine's bookkeeping stays on the CPU
         self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         self.pp_size = parallel_state.get_pipeline_model_parallel_world_size()
@@ -83,8 +84,10 @@ class Stages:
         Returns the last position's logits ``[b, Vs]`` on the last stage, None elsewhere.
         """
         b, s = ids.shape
+        mv = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        ids, position_ids, mask, pixel_values = mv(ids), mv(position_ids), mv(mask), mv(pixel_values)
         if not self.first:
-            hidden = torch.empty(s, b, self.hidden_size, dtype=self.dtype)
+            hidden = torch.empty(s, b, self.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(hidden)
         if prefill:
@@ -109,7 +112,7 @@ class Stages:
         if self.pp_size == 1:
             return t
         if not self.last:
-            t = torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype, device=self.device)
         dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
         return t

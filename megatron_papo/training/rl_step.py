@@ -1,11 +1,12 @@
-"""One PAPO RL step, top to bottom (shared/PAPO.md):
+"""One RL step of the PAPO / VPPO family, top to bottom:
 
-    prompts -> masked images (seeded) -> n rollouts with the real image -> rewards -> group advantages
-    (DAPO: dynamic sampling with refill) -> no-grad scoring (old log-probs: the rollout's under plain sampling,
-    else recomputed in ONE batched policy pass together with the masked-image log-probs; reference log-probs
-    in one pass of the reference; at PP = 1 each distinct prompt is run once for its n rows, see
-    ``training.scoring``) -> PPO updates over
-    mini-batches through megatron's schedule (global token-mean loss), one optimizer step per mini-batch.
+    prompts -> auxiliary views of their images (seeded: masked, blank, noise; ``algorithms.views``) -> n rollouts
+    with the real image -> rewards -> group advantages (DAPO: dynamic sampling with refill) -> no-grad scoring
+    (old log-probs: the rollout's under plain sampling, else recomputed in ONE batched policy pass together with
+    every view's log-probs; reference log-probs in one pass of the reference; at PP = 1 each distinct prompt is run
+    once for its n rows, see ``training.scoring``) -> the view consumers (``algorithms.consumers``: PAPO's masked
+    log-probs for the loss, VPPO's token filter and advantage scale) -> PPO updates over mini-batches through
+    megatron's schedule (global token-mean loss), one optimizer step per mini-batch.
 
 Legend: P prompts on this DP rank, n rollouts per prompt, N = P * n rows (prompt-major), T response tokens.
 """
@@ -21,8 +22,9 @@ from megatron.core import parallel_state
 
 from megatron_papo.algorithms.advantages import broadcast_to_tokens, get_advantage_estimator, group_ids_for
 from megatron_papo.algorithms.aggregation import Aggregation, count_global_tokens
+from megatron_papo.algorithms.consumers import StepLayout, active_consumers, apply_consumers, view_plan
 from megatron_papo.algorithms.dynamic_sampling import dynamic_sampling_filter
-from megatron_papo.algorithms.masking import mask_prompt_images, masking_options
+from megatron_papo.algorithms.views import ViewRequest, make_views
 from megatron_papo.algorithms.metrics import reduce_metrics
 from megatron_papo.algorithms.policy_loss import PolicyLossInputs, get_policy_loss
 from megatron_papo.config import Config
@@ -44,7 +46,7 @@ class RLContext:
     scheduler: object
     engine: object                    # RolloutBackend on the policy
     tokenizer: object
-    processor: object                 # image processor (for the masked images' pixels)
+    processor: object                 # image processor (for the auxiliary views' pixels)
     # scoring-pass implementation (training.scoring); None: chosen from cfg when the context is built
     logprobs_fn: Optional[Callable] = None
 
@@ -78,7 +80,7 @@ class RLContext:
 class Rollouts:
     samples: list          # P reader samples
     rows: Rows             # N rows with the real images
-    masked: list           # N (pixel_values, grid) of the masked images
+    views: dict            # view name -> N (pixel_values, grid) of that view's images
     rewards: torch.Tensor  # [N] overall reward
     accuracy: torch.Tensor  # [N]
     format: torch.Tensor   # [N]
@@ -90,21 +92,13 @@ def _rollout_seed(cfg: Config, step: int, attempt: int, dp_rank: int) -> int:
 
 
 def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts:
-    """Masked images, rollouts with the real images and rewards for ``samples`` (P prompts)."""
+    """Auxiliary views, rollouts with the real images and rewards for ``samples`` (P prompts)."""
     cfg, n = ctx.cfg, ctx.cfg.rollout.n
     first = (attempt * ctx.dp_size + ctx.dp_rank) * len(samples)   # global prompt index: layout independent
     prompts = [s["prompt"] for s in samples]
-    masked = []
-    for p, (s, pr) in enumerate(zip(samples, prompts)):
-        if pr.pixel_values is None:
-            masked.append((None, None))
-            continue
-        imgs = mask_prompt_images(s["images"], seed=cfg.training.seed, step=step, prompt_index=first + p,
-                                  **masking_options(cfg.algorithm, pr.image_grid_thw, ctx.processor.patch_size,
-                                                    ctx.processor.merge_size))
-        pv, grid = ctx.processor(imgs)
-        assert torch.equal(grid, pr.image_grid_thw), "masking must keep the image grid"
-        masked.append((pv, grid))
+    requests = [ViewRequest(s.get("images") or [], pr.pixel_values, pr.image_grid_thw, first + p, n,
+                            cfg.training.seed, step) for p, (s, pr) in enumerate(zip(samples, prompts))]
+    views = make_views(list(view_plan(cfg.algorithm).generated), requests, cfg.algorithm, ctx.processor)
     out = ctx.engine.generate(prompts, n, ctx.sampling(), seed=_rollout_seed(cfg, step, attempt, ctx.dp_rank))
     scores = []
     for i in range(len(out)):
@@ -115,20 +109,20 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
                 [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],
                 out.logprobs.float() if rollout_logprobs_usable(cfg) else None)
     val = lambda k: torch.tensor([sc[k] for sc in scores], dtype=torch.float32)  # noqa: E731
-    return Rollouts(samples, rows, [masked[i // n] for i in range(len(out))], val("overall"), val("accuracy"),
-                    val("format"), out.lengths)
+    return Rollouts(samples, rows, views, val("overall"), val("accuracy"), val("format"), out.lengths)
 
 
 def _take_groups(r: Rollouts, groups: list[int], n: int) -> Rollouts:
     idx = [g * n + j for g in groups for j in range(n)]
-    return Rollouts([r.samples[g] for g in groups], r.rows.select(idx), [r.masked[i] for i in idx],
+    views = {k: [v[i] for i in idx] for k, v in r.views.items()}
+    return Rollouts([r.samples[g] for g in groups], r.rows.select(idx), views,
                     r.rewards[idx], r.accuracy[idx], r.format[idx], r.lengths[idx])
 
 
 def _merge(a: Optional[Rollouts], b: Rollouts) -> Rollouts:
     if a is None:
         return b
-    return Rollouts(a.samples + b.samples, a.rows.concat(b.rows), a.masked + b.masked,
+    return Rollouts(a.samples + b.samples, a.rows.concat(b.rows), {k: v + b.views[k] for k, v in a.views.items()},
                     torch.cat([a.rewards, b.rewards]), torch.cat([a.accuracy, b.accuracy]),
                     torch.cat([a.format, b.format]), torch.cat([a.lengths, b.lengths]))
 
@@ -173,14 +167,15 @@ def _agree_min(value: int) -> int:
 
 
 def rollout_logprobs_usable(cfg: Config) -> bool:
-    """The rollout's log-probs are the old policy's (same temperature, nothing truncated): no forward needed."""
+    """The rollout's log-probs are the old policy's (same temperature, nothing truncated, and the same numerics:
+    with FP8 the engine generates in bf16, so the update's FP8 forward recomputes them): no forward needed."""
     r = cfg.rollout
-    return not r.recompute_old_logprobs and r.top_p >= 1.0 and r.top_k == 0
+    return not r.recompute_old_logprobs and r.top_p >= 1.0 and r.top_k == 0 and cfg.model.fp8 is None
 
 
 def needs_masked(cfg: Config) -> bool:
-    a = cfg.algorithm
-    return a.gamma > 0 or a.eta2 > 0
+    """PAPO's perception terms are on: its consumer reads the masked view."""
+    return "papo" in active_consumers(cfg.algorithm)
 
 
 def masked_in_update(cfg: Config) -> bool:
@@ -197,30 +192,33 @@ def masked_in_update(cfg: Config) -> bool:
     return needs_masked(cfg) and (a.perception_grad or a.exact_perception_kl)
 
 
-def score(ctx: RLContext, rows: Rows, masked_images: Optional[list]) -> dict:
-    """No-grad per-token log-probs [N, T]: ``old_logp`` (the rollout's when usable, else recomputed), ``mask_logp``
-    (one batched policy pass over the masked rows, and the real ones when old_logp must be recomputed) and
-    ``ref_logp`` (one reference pass), each through ``ctx.logprobs_fn`` (``training.scoring``: prefix-shared at
-    PP = 1, megatron's schedule otherwise). Computed ones are filled on the last pipeline stage only."""
+def score(ctx: RLContext, rows: Rows, views: dict) -> tuple[dict, dict]:
+    """No-grad per-token log-probs [N, T]: (``{old_logp, ref_logp}``, ``{view name: log-probs with that view}``).
+
+    ``old_logp`` is the rollout's when usable, else recomputed; the real rows (when recomputed) and every view's
+    rows (``views``: name -> N images) go through ONE batched policy pass, the reference through one pass, each via
+    ``ctx.logprobs_fn`` (``training.scoring``: prefix-shared at PP = 1, megatron's schedule otherwise). Computed
+    ones are filled on the last pipeline stage only."""
     cfg, n = ctx.cfg, len(rows)
     known = rows.logprobs is not None                           # old log-probs from the rollout
-    masked = rows.with_images(masked_images) if masked_images is not None else None
-    both = masked if known else (rows.concat(masked) if masked is not None else rows)
+    parts = ([] if known else [rows]) + [rows.with_images(images) for images in views.values()]
+    both = parts[0] if parts else None
+    for part in parts[1:]:
+        both = both.concat(part)
     mbs = cfg.training.micro_batch_size * 2                     # no activations kept: bigger micro-batches
     run = lambda model, r: ctx.logprobs_fn(model, r, mbs, ctx.tokenizer.pad_id,  # noqa: E731
                                            ctx.tokenizer.image_token_id, cfg.rollout.temperature)
-    out = {"old_logp": rows.logprobs} if known else {}
+    out, view_logp = ({"old_logp": rows.logprobs} if known else {}), {}
     logp = run(ctx.policy, both) if both is not None else None
     if logp is not None:
         if not known:
             out["old_logp"], logp = logp[:n], logp[n:]
-        if masked_images is not None:
-            out["mask_logp"] = logp[:n]
+        view_logp = {name: logp[i * n:(i + 1) * n] for i, name in enumerate(views)}
     if ctx.reference is not None:
         ref = run(ctx.reference, rows)
         if ref is not None:
             out["ref_logp"] = ref
-    return out
+    return out, view_logp
 
 
 def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_groups: int,
@@ -261,7 +259,7 @@ def ppo_update(ctx: RLContext, rows: Rows, tokens: dict, num_updates: int, num_g
                 inp = PolicyLossInputs(logp=logp, old_logp=t["old_logp"], advantages=t["advantages"],
                                        response_mask=mb.resp_mask, ref_logp=t.get("ref_logp"),
                                        mask_logp=mask_logp, perception_kl=kl if a.exact_perception_kl else None,
-                                       entropy=ent.detach())
+                                       entropy=ent.detach(), pg_mask=t.get("pg_mask"))
                 return loss_fn_algo(inp, a, agg)
 
             zero_grads(ctx.optimizer, [ctx.policy])
@@ -284,14 +282,20 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
         metrics.update({"time/rollout": t1 - t0, "update/skipped_no_groups": 1.0})
         return metrics
     adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples), n))
-    in_update = masked_in_update(cfg)
-    tokens = score(ctx, rows, roll.masked if needs_masked(cfg) and not in_update else None)
+    masked_in_update(cfg)                                       # option errors
+    plan = view_plan(cfg.algorithm)
+    tokens, view_logp = score(ctx, rows, {name: roll.views[name] for name in plan.scored})
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
+    num_updates = max(1, min(cfg.training.prompts_per_step // cfg.training.prompts_per_update, len(roll.samples)))
     if "old_logp" not in tokens:                                # not the last stage: placeholders, never read
         tokens["old_logp"] = torch.zeros_like(tokens["advantages"])
-    num_updates = max(1, min(cfg.training.prompts_per_step // cfg.training.prompts_per_update, len(roll.samples)))
-    updates = ppo_update(ctx, rows, tokens, num_updates, len(roll.samples), roll.masked if in_update else None)
+    elif len(view_logp) == len(plan.scored):                    # the ranks that hold the views' log-probs
+        layout = StepLayout((len(roll.samples) // num_updates) * n, cfg.training.micro_batch_size)
+        metrics.update(apply_consumers(cfg.algorithm, tokens, view_logp, layout, rows.response_mask,
+                                       parallel_state.get_data_parallel_group(with_context_parallel=False)))
+    updates = ppo_update(ctx, rows, tokens, num_updates, len(roll.samples),
+                         roll.views[plan.in_update] if plan.in_update else None)
     t3 = time.perf_counter()
     for key in updates[0]:
         vals = [u[key] for u in updates if key in u]

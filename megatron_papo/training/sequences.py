@@ -17,6 +17,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_papo.models import fp8_padding
 from megatron_papo.ops import vocab_parallel_pair_stats, vocab_parallel_token_stats
 
 
@@ -77,7 +78,7 @@ def pack(rows: Rows, micro_batch_size: int, pad_id: int, seq_length: Optional[in
     fed to the model as ``pad_id`` (the model expects image features for every image token; the target keeps it).
     """
     n, t = rows.response_ids.shape
-    s = seq_length or seq_len(rows)
+    s = fp8_padding.padded_seq_len(seq_length or seq_len(rows), micro_batch_size)  # FP8 token alignment
     tokens = tokens or {}
     out = []
     for start in range(0, n, micro_batch_size):

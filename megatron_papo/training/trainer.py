@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_papo.algorithms.consumers import active_consumers, view_plan
 from megatron_papo.config import Config, to_dict
+from megatron_papo.evaluation.validation import Validator
 from megatron_papo.platform import init_distributed, init_model_parallel
 from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
 from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
@@ -192,12 +194,15 @@ def train_loop(run: Run) -> dict:
         if ctx.reference is not None:
             ctx.reference.load_state_dict(ctx.policy.module.state_dict())
     handler = PreemptionHandler().install()
+    validator = Validator.build(cfg)                            # None unless training.eval_interval > 0
     rewards, last_saved, step = [], None, run.start_step
     try:
         for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
             rewards.append(metrics["reward/mean"])
             log.log_step(step, cfg.training.rl_steps, metrics)
+            if validator is not None:
+                validator.maybe_run(ctx, step, log)
             stop = handler.should_stop()
             if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 last_saved = save(run, step)
@@ -230,9 +235,12 @@ def summarize(run: Run, result: dict) -> Optional[str]:
 def run_training(cfg: Config) -> dict:
     run = build_run(cfg)
     if run.logger.active:
+        plan = view_plan(cfg.algorithm)
         print(f"algorithm {cfg.algorithm.preset}: gamma={cfg.algorithm.gamma} beta={cfg.algorithm.beta} "
-              f"dynamic_sampling={cfg.algorithm.dynamic_sampling}; layout TP={cfg.parallel.tensor_model_parallel_size}"
-              f" PP={cfg.parallel.pipeline_model_parallel_size} DP={run.ctx.dp_size}", flush=True)
+              f"dynamic_sampling={cfg.algorithm.dynamic_sampling} views={','.join(plan.generated) or '-'} "
+              f"consumers={','.join(active_consumers(cfg.algorithm)) or '-'}; layout "
+              f"TP={cfg.parallel.tensor_model_parallel_size} PP={cfg.parallel.pipeline_model_parallel_size} "
+              f"DP={run.ctx.dp_size}", flush=True)
         if cfg.optimizer.use_distributed_optimizer and not distributed_optimizer_enabled(cfg.optimizer):
             print("optimizer: megatron's plain optimizer (optimizer.use_distributed_optimizer needs a GPU; "
                   "optimizer state is replicated across data-parallel ranks here)", flush=True)
