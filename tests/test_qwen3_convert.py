@@ -105,3 +105,20 @@ def test_qwen25_weights_under_qwen3_preset_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"tensor 'visual\.patch_embed\.proj\.weight' has shape "
                                          r"\[32, 3, 2, 14, 14\] but config.json implies \[32, 3, 2, 16, 16\]"):
         hf_to_mcore(d, str(tmp_path / "out"))
+
+
+def test_hf_config_written_for_a_trained_model_reads_back():
+    """mcore-to-hf of a model that never came from Hugging Face writes this config: both readers agree on it."""
+    from transformers import Qwen3VLConfig
+
+    from megatron_papo.models import get_preset, spec_from_hf_config
+    from megatron_papo.models.qwen3_vl.spec import hf_config_from_spec
+
+    spec = get_preset("qwen3-vl-tiny")
+    cfg = hf_config_from_spec(spec, "float32")
+    assert spec_from_hf_config(cfg, name=spec.name) == spec
+    hf = Qwen3VLConfig(**cfg)
+    t, v = hf.text_config, hf.vision_config
+    assert (t.head_dim, t.num_hidden_layers, t.rope_parameters["mrope_section"], t.rope_parameters["rope_theta"]) == \
+        (16, 4, [2, 3, 3], 10000.0)
+    assert (v.num_position_embeddings, list(v.deepstack_visual_indexes), v.patch_size) == (64, [0, 1, 2], 16)

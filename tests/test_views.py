@@ -247,7 +247,10 @@ def test_pg_mask_filters_the_policy_gradient_but_not_the_mean():
 
 
 class _Processor:
-    """Deterministic stand-in with the real processor's contract: pixels -> ([P, D], grid [k, 3])."""
+    """Deterministic stand-in with the real processor's contract: pixels -> ([P, D], grid [k, 3]), and the patch and
+    merge sizes the masking cells default to."""
+
+    patch_size, merge_size = 2, 1
 
     patch_size, merge_size = 14, 2
 

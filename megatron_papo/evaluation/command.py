@@ -50,15 +50,16 @@ def evaluate_command(args) -> int:
 
 
 def _run(args, settings, questions: list, tpd: tuple) -> dict:
-    from megatron_papo.data import Qwen2VLImageProcessor
     from megatron_papo.evaluation.report import FORMAT_VERSION, TOOL
     from megatron_papo.evaluation.run import evaluate
+    from megatron_papo.models import family_of_spec
     from megatron_papo.training.loading import load_for_inference
 
     loaded = load_for_inference(args.checkpoint)
     processor = loaded.processor
-    if settings.min_pixels is not None:
-        processor = Qwen2VLImageProcessor(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+    if settings.min_pixels is not None:  # the checkpoint's family decides patch, mean and std; the user the limits
+        family = family_of_spec(getattr(loaded.model, "module", loaded.model).spec)
+        processor = family.image_processor(settings.min_pixels, settings.max_pixels)
     settings = dataclasses.replace(settings, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
     t0 = time.perf_counter()
     res = evaluate(loaded.model, loaded.tokenizer, processor, questions, settings, progress=not args.no_progress)

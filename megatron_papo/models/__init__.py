@@ -11,7 +11,7 @@ from megatron_papo.models.presets import VisionSpec, VLMSpec
 from megatron_papo.models.rope_index import get_rope_index
 from megatron_papo.models.specs import local_layer_spec
 from megatron_papo.models.vlm import Qwen25VLModel, padded_vocab_size
-from megatron_papo.models.registry import (  # noqa: E402  (the registry imports the families above)
+from megatron_papo.models.registry import (
     all_presets, build_vlm, family_of_preset, family_of_spec, get_family, get_preset, spec_from_hf_config,
 )
 
