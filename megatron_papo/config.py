@@ -200,8 +200,12 @@ class CheckpointConfig:
     save_interval: int = 50
     # keep the newest k checkpoints (0: keep all)
     keep_last: int = 3
-    # resume: null (fresh start) | auto (newest in dir, if any) | a checkpoint directory
+    # resume: null (fresh start) | auto (newest complete one in dir, if any) | a checkpoint directory
     resume: Optional[str] = "auto"
+    # on resume, the config's learning-rate schedule (optimizer.lr, warmup, schedule) replaces the checkpoint's
+    override_lr_schedule: bool = True
+    # on resume, continue the data order where the checkpoint stopped (false: start reading afresh from the seed)
+    load_reader_state: bool = True
 
 
 @dataclass

@@ -233,7 +233,8 @@ class ShardReader:
             return
         loader = torch.utils.data.DataLoader(_WorkerSlots(self, self._next), batch_size=None,
                                              num_workers=self.num_workers, collate_fn=_identity,
-                                             multiprocessing_context="fork", prefetch_factor=2)
+                                             multiprocessing_context="fork", prefetch_factor=2,
+                                             worker_init_fn=_worker_init)
         for sample, local, state, stats in loader:
             self._states[local], self._stats[local] = state, stats
             self._next = (local + 1) % self.num_workers
@@ -268,3 +269,12 @@ class ShardReader:
 
 def _identity(x):
     return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM/SIGUSR1 to the trainer (SLURM signals the whole process group; a worker that
+    died of it would break the save the trainer is making) and die with it (torch installs its own SIGTERM
+    handler in workers just before this runs)."""
+    from megatron_papo.platform.children import ignore_trainer_signals
+
+    ignore_trainer_signals()

@@ -29,6 +29,7 @@ from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
+from megatron_papo.training.preemption import safe_point
 from megatron_papo.training.scoring import select_logprobs_fn
 from megatron_papo.training.sequences import (Rows, pack, pair, paired_response_stats, response_stats, run_schedule,
                                               seq_len)
@@ -277,6 +278,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     cfg = ctx.cfg
     t0 = time.perf_counter()
     roll, metrics = collect(ctx, reader, step)
+    safe_point()                  # a signal abandons the step here or after scoring: no weight has changed yet
     t1 = time.perf_counter()
     rows, n = roll.rows, cfg.rollout.n
     if len(roll.samples) == 0:
@@ -285,6 +287,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples), n))
     in_update = masked_in_update(cfg)
     tokens = score(ctx, rows, roll.masked if needs_masked(cfg) and not in_update else None)
+    safe_point()
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
     if "old_logp" not in tokens:                                # not the last stage: placeholders, never read

@@ -6,6 +6,7 @@ pre-emption -> summary.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -16,8 +17,9 @@ from megatron.core import parallel_state
 from megatron_papo.config import Config, to_dict
 from megatron_papo.platform import init_distributed, init_model_parallel
 from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
-from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
-                                               save_checkpoint)
+from megatron_papo.training.checkpoint import save_checkpoint
+from megatron_papo.training.preemption import Preempted, PreemptionHandler, set_current, signal_name
+from megatron_papo.training.resume import resume
 from megatron_papo.training.logging import RunLogger
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled, wrap_ddp
 from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
@@ -100,6 +102,11 @@ class Run:
     reader: object
     logger: RunLogger
     start_step: int = 0
+    # warm-start steps already done (from the checkpoint resumed from)
+    warmup_done: int = 0
+    # the run changed weights since its last save
+    dirty: bool = False
+    handler: Optional[PreemptionHandler] = None
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -133,25 +140,21 @@ def _extra(ctx: RLContext) -> dict:
     return {"reference": ctx.reference} if ctx.reference is not None else {}
 
 
-def resume(run: Run) -> None:
-    cfg, ctx = run.ctx.cfg, run.ctx
-    path = find_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
-    if path is None:
-        return
-    info = load_checkpoint(path, [ctx.policy], ctx.optimizer, ctx.scheduler, extra_modules=_extra(ctx))
-    if info["reader_state"] is not None:
-        run.reader.load_state_dict(info["reader_state"])
-    run.start_step = info["step"]
-    run.logger.info(f"resumed from {path} at RL step {run.start_step}")
-
-
 def save(run: Run, step: int) -> str:
     cfg, ctx = run.ctx.cfg, run.ctx
-    path = save_checkpoint(cfg.checkpoint.dir, step, [ctx.policy], ctx.optimizer, ctx.scheduler,
-                           reader_state=run.reader.state_dict(), config=to_dict(cfg),
-                           keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
-                           describe=lambda d: describe_checkpoint(d, cfg, ctx.policy))
+    with (run.handler.saving() if run.handler is not None else _nothing()):
+        path = save_checkpoint(cfg.checkpoint.dir, step, [ctx.policy], ctx.optimizer, ctx.scheduler,
+                               reader_state=run.reader.state_dict(), config=to_dict(cfg),
+                               keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
+                               describe=lambda d: describe_checkpoint(d, cfg, ctx.policy),
+                               progress={"warmup_sft_done": run.warmup_done})
+    run.dirty = False
     return str(path)
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def describe_checkpoint(out_dir, cfg: Config, policy) -> None:
@@ -177,34 +180,70 @@ def _dp_mean(metrics: dict) -> dict:
     return {**metrics, **dict(zip(keys, (t / parallel_state.get_data_parallel_world_size()).tolist()))}
 
 
-def train_loop(run: Run) -> dict:
-    """Warm-start (fresh runs), then RL steps until ``training.rl_steps`` or a pre-emption signal."""
+def _warm_start_phase(run: Run, reader_iter) -> None:
+    """The supervised warm-start steps not yet done; a signal stops it after the current step."""
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
-    reader_iter = iter(run.reader)
-    if run.start_step == 0 and cfg.training.warmup_sft_steps:
-        log.info(f"warm-start: {cfg.training.warmup_sft_steps} supervised steps on the data's worked answers "
-                 "(training.warmup_sft_steps), then RL")
-        warm_start(ctx, reader_iter, cfg.training.warmup_sft_steps, log)
-        if ctx.reference is not None:
-            ctx.reference.load_state_dict(ctx.policy.module.state_dict())
-    handler = PreemptionHandler().install()
-    rewards, last_saved, step = [], None, run.start_step
-    try:
-        for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
+    total = cfg.training.warmup_sft_steps
+    if run.start_step > 0 or run.warmup_done >= total:
+        return
+    log.info(f"warm-start: {total} supervised steps on the data's worked answers (training.warmup_sft_steps)"
+             + (f", resuming after {run.warmup_done}" if run.warmup_done else "") + ", then RL")
+
+    def after_step(done: int) -> None:
+        run.warmup_done, run.dirty = done, True
+        run.handler.check()
+
+    warm_start(ctx, reader_iter, total, log, start=run.warmup_done, after_step=after_step)
+    if ctx.reference is not None:
+        ctx.reference.load_state_dict(ctx.policy.module.state_dict())
+
+
+def _abandon_step(run: Run, snapshot) -> None:
+    """Undo what an interrupted RL step consumed (reader position, RNG draws); no weight has changed."""
+    from megatron_papo.platform import set_rng_state
+
+    run.reader.load_state_dict(snapshot[0])
+    set_rng_state(snapshot[1])
+
+
+def _rl_phase(run: Run, reader_iter, result: dict) -> None:
+    from megatron_papo.platform import rng_state
+
+    ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
+    for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
+        snapshot = (run.reader.state_dict(), rng_state())
+        try:
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
-            rewards.append(metrics["reward/mean"])
-            log.log_step(step, cfg.training.rl_steps, metrics)
-            stop = handler.should_stop()
-            if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
-                last_saved = save(run, step)
-            if stop:
-                log.info(f"signal {handler.received or 'on another rank'} received: saved {last_saved}, exiting")
-                break
-    finally:
-        handler.uninstall()
-    if step > run.start_step and last_saved != str(checkpoint_path(cfg.checkpoint.dir, step)):
-        last_saved = save(run, step)
-    return {"rewards": rewards, "checkpoint": last_saved, "steps": step}
+        except Preempted:
+            _abandon_step(run, snapshot)
+            raise
+        result["rewards"].append(metrics["reward/mean"])
+        result["steps"], run.dirty = step, True
+        log.log_step(step, cfg.training.rl_steps, metrics)
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            result["checkpoint"] = save(run, step)
+        run.handler.check()
+
+
+def train_loop(run: Run) -> dict:
+    """Warm-start (what is left of it), then RL steps until ``training.rl_steps`` or a signal; every change of
+    weights is saved before returning (``result["signal"]``: the signal that stopped the run, 0: none)."""
+    cfg, log = run.ctx.cfg, run.logger
+    run.handler = run.handler or PreemptionHandler()
+    result = {"rewards": [], "checkpoint": None, "steps": run.start_step, "signal": 0}
+    try:
+        run.handler.check()                                    # a signal while the run was being built
+        reader_iter = iter(run.reader)
+        _warm_start_phase(run, reader_iter)
+        _rl_phase(run, reader_iter, result)
+    except Preempted as p:
+        result["signal"] = p.signum
+    if run.dirty:
+        result["checkpoint"] = save(run, result["steps"])
+    if result["signal"]:
+        log.info(f"{signal_name(result['signal'])} received: saved {result['checkpoint'] or 'nothing (no new '}"
+                 f"{'' if result['checkpoint'] else 'progress since the last checkpoint)'}; exiting")
+    return result
 
 
 def summarize(run: Run, result: dict) -> Optional[str]:
@@ -224,7 +263,27 @@ def summarize(run: Run, result: dict) -> Optional[str]:
 
 
 def run_training(cfg: Config) -> dict:
-    run = build_run(cfg)
+    """Build, resume, train, summarise; signals are handled from the start to the end (see preemption.py)."""
+    from megatron_papo.platform.children import child_hygiene
+
+    handler = PreemptionHandler()
+    with handler, child_hygiene():
+        set_current(handler)
+        try:
+            run = build_run(cfg)
+            run.handler = handler
+            _announce(run)
+            resume(run)
+            result = train_loop(run)
+        finally:
+            set_current(None)
+        result["summary"] = summarize(run, result)
+        run.logger.close()
+    return result
+
+
+def _announce(run: Run) -> None:
+    cfg = run.ctx.cfg
     if run.logger.active:
         print(f"algorithm {cfg.algorithm.preset}: gamma={cfg.algorithm.gamma} beta={cfg.algorithm.beta} "
               f"dynamic_sampling={cfg.algorithm.dynamic_sampling}; layout TP={cfg.parallel.tensor_model_parallel_size}"
@@ -232,11 +291,6 @@ def run_training(cfg: Config) -> dict:
         if cfg.optimizer.use_distributed_optimizer and not distributed_optimizer_enabled(cfg.optimizer):
             print("optimizer: megatron's plain optimizer (optimizer.use_distributed_optimizer needs a GPU; "
                   "optimizer state is replicated across data-parallel ranks here)", flush=True)
-    resume(run)
-    result = train_loop(run)
-    result["summary"] = summarize(run, result)
-    run.logger.close()
-    return result
 
 
 def replace_cfg(cfg: Config, **sections) -> Config:
