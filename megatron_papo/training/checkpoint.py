@@ -31,8 +31,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException   # a BaseException: caught by name
 
-from megatron_papo.platform import rng_state, set_rng_state
+_ERRORS = (Exception, CheckpointException)
+
+from megatron_papo.platform import device, rng_state, set_rng_state
 from megatron_papo.training.preemption import PreemptionHandler  # noqa: F401  (re-exported, older import path)
 
 log = logging.getLogger(__name__)
@@ -192,17 +195,18 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimiz
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)                 # a leftover of a crashed save of the same step
-        _check_free_space(ckpt_dir)
+    _agree_free_space(ckpt_dir, rank0)
+    if rank0:
         tmp.mkdir(parents=True)
     _barrier()
     sd = _state_dict(model_chunks, optimizer, scheduler, step=step, reader_state=reader_state,
                      config=config or {}, is_loading=False, extra_modules=extra_modules, progress=progress)
     try:
         dist_checkpointing.save(sd, str(tmp))
-    except Exception as exc:
+    except _ERRORS as exc:
         if _is_disk_full(exc):
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(_disk_full_message(ckpt_dir, step)) from None
+            raise CheckpointError(_disk_full_message(ckpt_dir, f"step_{step}", sd)) from None
         raise
     _barrier()                                                 # every rank's shards are on disk
     if rank0:
@@ -224,23 +228,44 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _needed_bytes(ckpt_dir) -> Optional[int]:
-    found = list_checkpoints(ckpt_dir)
-    return _dir_bytes(found[-1][1]) if found else None
+def _needed_bytes(ckpt_dir, sd: Optional[dict] = None) -> Optional[int]:
+    """The size of the newest complete checkpoint, else the tensors of ``sd`` on this rank times the world size."""
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if verify_checkpoint(path) is None:
+            return _dir_bytes(path)
+    if sd is None:
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return _tensor_bytes(sd) * world
 
 
-def _disk_full_message(ckpt_dir, step: int) -> str:
-    need = _needed_bytes(ckpt_dir)
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    data = getattr(tree, "data", tree)
+    return data.numel() * data.element_size() if torch.is_tensor(data) else 0
+
+
+def _disk_full_message(ckpt_dir, what: str, sd: Optional[dict] = None) -> str:
+    need = _needed_bytes(ckpt_dir, sd)
     free = shutil.disk_usage(Path(ckpt_dir)).free if Path(ckpt_dir).exists() else 0
-    need_txt = f"about {need:,} bytes needed (the size of the last checkpoint)" if need else "more space needed"
-    return (f"checkpoint.dir {str(ckpt_dir)!r}: disk full while saving step_{step}: {need_txt}, {free:,} free; "
+    need_txt = f"about {need:,} bytes needed" if need else "more space needed"
+    return (f"checkpoint.dir {str(ckpt_dir)!r}: disk full while saving {what}: {need_txt}, {free:,} free; "
             "the previous checkpoints are intact; free space or lower checkpoint.keep_last")
 
 
-def _check_free_space(ckpt_dir) -> None:
-    need = _needed_bytes(ckpt_dir)
-    if need and shutil.disk_usage(Path(ckpt_dir)).free < need:
-        raise CheckpointError(_disk_full_message(ckpt_dir, -1).replace("step_-1", "the next checkpoint"))
+def _agree_free_space(ckpt_dir, rank0: bool) -> None:
+    """Refuse to start a save that cannot fit (rank 0 measures, every rank raises together)."""
+    need = _needed_bytes(ckpt_dir) if rank0 else None
+    short = float(bool(need) and shutil.disk_usage(Path(ckpt_dir)).free < need)
+    if dist.is_initialized():
+        flag = torch.tensor([short], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        short = flag.item()
+    if short:
+        raise CheckpointError(_disk_full_message(ckpt_dir, "the next checkpoint"))
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -265,7 +290,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
     path = Path(path)
     try:
         common = dist_checkpointing.load_common_state_dict(str(path))
-    except Exception as exc:
+    except _ERRORS as exc:
         raise CheckpointError(f"checkpoint {path}: {path / 'common.pt'} cannot be read ({type(exc).__name__}: "
                               f"{exc}); resume from another step_<N>") from None
     layout = _layout()
@@ -275,7 +300,7 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
                      is_loading=True, with_objects=same_dp, extra_modules=extra_modules, with_rng=same_layout)
     try:
         loaded = dist_checkpointing.load(sd, str(path))
-    except Exception as exc:
+    except _ERRORS as exc:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({_first_line(exc)}){_bad_file(path)}; resume "
                               "from another step_<N>") from None
     _restore(loaded, model_chunks, optimizer, scheduler, extra_modules)
