@@ -78,6 +78,12 @@ class DataConfig:
     min_pixels: int = 256 * 28 * 28
     # largest image area in pixels after resize
     max_pixels: int = 1280 * 28 * 28
+    # samples with a tar member larger than this many bytes are skipped unread and counted (0: no cap)
+    max_member_bytes: int = 512 * 1024 * 1024
+    # samples with an image of more pixels than this (read from its header, before decoding) are skipped (0: no cap)
+    max_image_pixels: int = 150_000_000
+    # samples whose images hold more pixels than this in total are skipped before decoding (0: no cap)
+    max_sample_pixels: int = 400_000_000
 
 
 @dataclass

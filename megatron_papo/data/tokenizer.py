@@ -131,6 +131,8 @@ class HFTokenizer:
         self.image_token_id, self.vision_start_id, self.vision_end_id = vocab[IMAGE_PAD], vocab[VISION_START], \
             vocab[VISION_END]
         self.stop_ids = sorted({self.eos_id, vocab.get(ENDOFTEXT, self.eos_id)})
+        # texts that encode to a special id; escaped when they appear inside data (prompts.escape_special_tokens)
+        self.special_texts = sorted(set(self._tok.get_added_vocab()) | set(self._tok.all_special_tokens))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)

@@ -9,6 +9,7 @@ field. Runs on one process, or under torchrun with the world size as the tensor-
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
@@ -23,16 +24,16 @@ PROMPTS_PER_BATCH = 16
 def iter_samples(spec: str, limit: int) -> Iterator[dict]:
     """Every good sample of the shards once, in shard order (bad ones are skipped, as in training)."""
     from megatron_papo.data import resolve_shards
-    from megatron_papo.data.shards import BadSample, iter_raw_groups, parse_group
+    from megatron_papo.data.reader import decode_sample
+    from megatron_papo.data.shards import BadSample, iter_raw_groups
 
     count = 0
     for shard in resolve_shards(spec, field="--data"):
         for key, group in iter_raw_groups(shard):
-            if isinstance(group, BadSample):
-                continue
             try:
-                sample = parse_group(shard, key, group)
-            except BadSample:
+                sample = decode_sample(shard, key, group)
+            except BadSample as bad:
+                print(f"skipped: {bad}", file=sys.stderr)
                 continue
             yield sample
             count += 1

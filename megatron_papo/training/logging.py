@@ -15,7 +15,8 @@ from megatron_papo.algorithms.metrics import CollapseDetector
 # metrics shown on the console line, in order, with their short names
 _CONSOLE = (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("actor/perception_kl", "kl_prcp"),
             ("actor/ref_kl", "kl_ref"), ("actor/pg_clipfrac", "clip"), ("actor/grad_norm", "gnorm"),
-            ("rollout/response_length", "len"), ("time/step", "s/step"))
+            ("rollout/response_length", "len"), ("data/skipped", "skipped"), ("rewards/timed_out", "timeouts"),
+            ("time/step", "s/step"))
 
 
 def is_logging_rank() -> bool:

@@ -41,10 +41,13 @@ def build_data(cfg: Config):
             dist.barrier()
     resolve_shards(d.train_shards)
     tokenizer = build_tokenizer(d.tokenizer)
+    from megatron_papo.data.limits import DataLimits
+
     processor = Qwen2VLImageProcessor(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
     reader = ShardReader(d.train_shards, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size(), cfg.training.seed, d.shuffle_buffer,
-                         d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length))
+                         d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length),
+                         limits=DataLimits.from_config(d))
     return tokenizer, processor, reader
 
 
@@ -180,6 +183,21 @@ def _dp_mean(metrics: dict) -> dict:
     return {**metrics, **dict(zip(keys, (t / parallel_state.get_data_parallel_world_size()).tolist()))}
 
 
+def skip_totals(run: Run) -> dict:
+    """Samples skipped so far by reason, summed over data-parallel ranks (as ``data/skipped/<reason>``), and their
+    total ``data/skipped``; one collective."""
+    from megatron_papo.data.shards import KNOWN_SKIP_REASONS
+
+    stats = run.reader.stats
+    reasons = sorted(set(KNOWN_SKIP_REASONS) | set(stats))[:64]
+    t = torch.tensor([float(stats.get(r, 0)) for r in reasons], dtype=torch.float64)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+    out = {f"data/skipped/{r}": v for r, v in zip(reasons, t.tolist()) if v}
+    out["data/skipped"] = float(t.sum())
+    return out
+
+
 def _warm_start_phase(run: Run, reader_iter) -> None:
     """The supervised warm-start steps not yet done; a signal stops it after the current step."""
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
@@ -217,7 +235,9 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
         except Preempted:
             _abandon_step(run, snapshot)
             raise
+        metrics.update(skip_totals(run))
         result["rewards"].append(metrics["reward/mean"])
+        result["skipped"] = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
         result["steps"], run.dirty = step, True
         log.log_step(step, cfg.training.rl_steps, metrics)
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
@@ -255,6 +275,10 @@ def summarize(run: Run, result: dict) -> Optional[str]:
     k = max(1, min(3, len(r) // 3))
     start, end = sum(r[:k]) / k, sum(r[-k:]) / k
     cfg = run.ctx.cfg
+    skipped = {k.rsplit("/", 1)[-1]: int(v) for k, v in result.get("skipped", {}).items() if k.count("/") == 2}
+    if skipped:
+        run.logger.info("skipped samples: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items()))
+                        + " (tools/inspect_shards.py names them)")
     run.logger.info(f"tensorboard logs: {cfg.logging.tensorboard_dir}")
     run.logger.info(f"checkpoint: {result['checkpoint']}")
     line = f"mean reward {start:.3f} -> {end:.3f}"
