@@ -196,6 +196,10 @@ class TrainingConfig:
     cpu_threads: int = 0
     # scoring pass runs each distinct prompt once and the rows' responses against it (PP=1, local spec; else plain)
     prefix_scoring: bool = True
+    # seconds one response may take to grade; slower ones score 0 and are counted (0: grade inline, no limit)
+    reward_timeout_s: float = 10.0
+    # reward worker processes per rank (used when reward_timeout_s > 0)
+    reward_workers: int = 2
 
 
 @dataclass

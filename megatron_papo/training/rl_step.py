@@ -27,6 +27,7 @@ from megatron_papo.algorithms.metrics import reduce_metrics
 from megatron_papo.algorithms.policy_loss import PolicyLossInputs, get_policy_loss
 from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
+from megatron_papo.rewards.budget import score_responses
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
 from megatron_papo.training.preemption import safe_point
@@ -106,11 +107,10 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
         assert torch.equal(grid, pr.image_grid_thw), "masking must keep the image grid"
         masked.append((pv, grid))
     out = ctx.engine.generate(prompts, n, ctx.sampling(), seed=_rollout_seed(cfg, step, attempt, ctx.dp_rank))
-    scores = []
-    for i in range(len(out)):
-        s = samples[i // n]
-        text = ctx.tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist())
-        scores.append(get_reward(s.get("reward"))(text, s["answer"]))
+    jobs = [(get_reward(samples[i // n].get("reward")),
+             ctx.tokenizer.decode(out.response_ids[i][out.response_mask[i]].tolist()), samples[i // n]["answer"])
+            for i in range(len(out))]
+    scores, _ = score_responses(jobs, cfg.training.reward_timeout_s, cfg.training.reward_workers)
     rows = Rows([prompts[i // n].input_ids for i in range(len(out))], out.response_ids, out.response_mask.bool(),
                 [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],
                 out.logprobs.float() if rollout_logprobs_usable(cfg) else None)

@@ -226,16 +226,18 @@ def _abandon_step(run: Run, snapshot) -> None:
 
 def _rl_phase(run: Run, reader_iter, result: dict) -> None:
     from megatron_papo.platform import rng_state
+    from megatron_papo.rewards.budget import timed_out_total
 
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
     for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
-        snapshot = (run.reader.state_dict(), rng_state())
+        snapshot, timed_out = (run.reader.state_dict(), rng_state()), timed_out_total()
         try:
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
         except Preempted:
             _abandon_step(run, snapshot)
             raise
         metrics.update(skip_totals(run))
+        metrics["rewards/timed_out"] = float(timed_out_total() - timed_out)   # this rank's, in this step
         result["rewards"].append(metrics["reward/mean"])
         result["skipped"] = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
         result["steps"], run.dirty = step, True
