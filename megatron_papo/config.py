@@ -90,7 +90,7 @@ class DataConfig:
 class RolloutConfig:
     # responses sampled per prompt (the GRPO group size)
     n: int = 5
-    # sampling temperature (also used when scoring log-probs)
+    # sampling temperature, also used when scoring log-probs (0: greedy decoding, log-probs scored at temperature 1)
     temperature: float = 1.0
     # nucleus sampling threshold (1.0: off)
     top_p: float = 0.99
@@ -200,6 +200,9 @@ class TrainingConfig:
     reward_timeout_s: float = 10.0
     # reward worker processes per rank (used when reward_timeout_s > 0)
     reward_workers: int = 2
+    # stop with an error after this many consecutive RL steps whose optimizer steps were all skipped (non-finite
+    # gradients); the last checkpoint is kept as it is (0: never stop)
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -290,8 +293,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, (bool, list, tuple, dict)) or value is None:
+            raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
         try:
             num = float(value) if tp is float else int(str(value), 0) if isinstance(value, str) else value
         except (TypeError, ValueError):
@@ -403,13 +406,19 @@ def validate(cfg: Config) -> None:
     for dotted, choices in _CHOICES.items():
         if _get(cfg, dotted) not in choices:
             raise ConfigError(f"{dotted}: {_get(cfg, dotted)!r} is not one of {', '.join(map(str, choices))}")
+    from megatron_papo.config_checks import check_config
+
+    check_config(cfg)
     positive = ["parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "rollout.n",
                 "training.prompts_per_step", "training.prompts_per_update", "training.micro_batch_size",
-                "training.ppo_epochs", "algorithm.mask_patch_size", "data.max_prompt_length"]
+                "training.ppo_epochs", "algorithm.mask_patch_size", "data.max_prompt_length",
+                "rollout.max_new_tokens", "algorithm.dynamic_sampling_max_tries", "training.reward_workers"]
     for dotted in positive:
         if _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted} must be >= 1, got {_get(cfg, dotted)}")
-    nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.max_new_tokens", "rollout.top_k",
+    nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.top_k", "training.max_skipped_steps",
+              "training.seed", "training.reward_timeout_s", "data.max_member_bytes", "data.max_image_pixels",
+              "data.max_sample_pixels",
               "algorithm.beta", "algorithm.gamma", "algorithm.eta1", "algorithm.eta2", "optimizer.lr",
               "optimizer.weight_decay", "optimizer.clip_grad", "checkpoint.keep_last", "checkpoint.save_interval",
               "data.shuffle_buffer", "data.num_workers", "parallel.world_size", "training.cpu_threads"]

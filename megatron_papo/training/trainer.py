@@ -109,6 +109,8 @@ class Run:
     warmup_done: int = 0
     # the run changed weights since its last save
     dirty: bool = False
+    # consecutive RL steps whose optimizer steps were all skipped (non-finite gradients)
+    skipped_in_a_row: int = 0
     handler: Optional[PreemptionHandler] = None
 
 
@@ -134,9 +136,30 @@ def build_run(cfg: Config) -> Run:
     optimizer, scheduler = build_optimizer(cfg.optimizer, [ddp], optimizer_steps(cfg), _DTYPES[cfg.model.params_dtype])
     engine = MegatronEngine(policy, max_seq_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                             tokenizer=tokenizer)
-    ctx = RLContext(cfg, ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
+    ctx = RLContext(greedy_as_top1(cfg), ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
     logger = RunLogger(cfg.logging.tensorboard_dir, cfg.logging.log_interval, cfg.logging.progress)
     return Run(ctx, reader, logger)
+
+
+def greedy_as_top1(cfg: Config) -> Config:
+    """``rollout.temperature=0`` is greedy decoding: argmax tokens (top-k 1), log-probs scored at temperature 1."""
+    if cfg.rollout.temperature != 0:
+        return cfg
+    return replace_cfg(cfg, rollout={"temperature": 1.0, "top_k": 1})
+
+
+class NonFiniteTraining(ValueError):
+    """Too many consecutive RL steps whose optimizer steps were all skipped for non-finite gradients."""
+
+
+def _check_skipped(run: Run, metrics: dict, step: int) -> None:
+    limit = run.ctx.cfg.training.max_skipped_steps
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if metrics.get("actor/skipped", 0) > 0 else 0
+    if limit and run.skipped_in_a_row >= limit:
+        raise NonFiniteTraining(
+            f"RL steps {step - limit + 1}..{step}: every optimizer step was skipped for non-finite gradients "
+            f"(training.max_skipped_steps={limit}); stopping without saving, the last checkpoint in "
+            f"{run.ctx.cfg.checkpoint.dir} is kept; lower optimizer.lr or check the data and rewards")
 
 
 def _extra(ctx: RLContext) -> dict:
@@ -242,6 +265,7 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
         result["skipped"] = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
         result["steps"], run.dirty = step, True
         log.log_step(step, cfg.training.rl_steps, metrics)
+        _check_skipped(run, metrics, step)
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             result["checkpoint"] = save(run, step)
         run.handler.check()
