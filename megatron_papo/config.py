@@ -63,8 +63,8 @@ class DataConfig:
     train_shards: str = "runs/demo/data/train"
     # evaluation shards (same forms as train_shards; null: none)
     eval_shards: Optional[str] = None
-    # make synthetic shards at train_shards if it holds none (the embedded demo)
-    synthetic_if_missing: bool = True
+    # make SYNTHETIC shards at train_shards if it holds none, announced loudly (the embedded demo sets it)
+    synthetic_if_missing: bool = False
     # number of synthetic samples to make when synthetic_if_missing applies
     synthetic_samples: int = 2000
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -244,7 +244,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# --- published algorithm presets (shared/PAPO.md section 3) -------------------------------------------------
+# --- published algorithm presets (docs/algorithm.md section 3) -------------------------------------------------
 ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(advantage="grpo", policy_loss="papo", eps_low=0.2, eps_high=0.3, dual_clip_c=3.0, beta=0.01,
                  gamma=0.0, eta1=0.0, eta2=0.0, dynamic_sampling=False),

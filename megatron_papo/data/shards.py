@@ -299,6 +299,21 @@ class ShardWriter:
             self.abort()
 
 
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> int:
+    """Refuse an output directory that already holds shards (a reader would mix old and new ones) unless
+    ``overwrite``, which deletes those ``.tar`` files first; returns how many were deleted."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; pass a directory")
+    old = sorted(out.rglob("*.tar")) if out.is_dir() else []
+    if old and not overwrite:
+        raise ValueError(f"--out {str(out)!r} already holds {len(old)} .tar shard(s) that readers would mix with "
+                         "the new ones; pass --overwrite to delete them first, or choose an empty directory")
+    for p in old:
+        p.unlink()
+    return len(old)
+
+
 def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard",
                  samples_per_shard: int = 1000, image_format: str = "png",
                  progress: Optional[callable] = None) -> list[str]:

@@ -32,7 +32,7 @@ _SPM_RECIPE = "bpe-identity-bytefallback-v1"
 
 
 def papo_user_text(question: str) -> str:
-    """The user turn's text: the question, then the PAPO instruction (PAPO.md section 3)."""
+    """The user turn's text: the question, then the PAPO instruction (docs/algorithm.md section 3)."""
     return f"{question.strip()} {PAPO_INSTRUCTION}"
 
 

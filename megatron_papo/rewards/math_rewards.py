@@ -1,4 +1,4 @@
-"""Math answer reward: ``overall = 0.9 * accuracy + 0.1 * format`` (PAPO.md section 3).
+"""Math answer reward: ``overall = 0.9 * accuracy + 0.1 * format`` (docs/algorithm.md section 3).
 
 Accuracy grades the content of the last ``\\boxed{...}`` against the ground truth with ``mathruler``'s
 ``grade_answer`` (the grader behind the published numbers). Everything here is linear-time in the response and

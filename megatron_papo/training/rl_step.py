@@ -1,4 +1,4 @@
-"""One PAPO RL step, top to bottom (shared/PAPO.md):
+"""One PAPO RL step, top to bottom (docs/algorithm.md):
 
     prompts -> masked images (seeded) -> n rollouts with the real image -> rewards -> group advantages
     (DAPO: dynamic sampling with refill) -> no-grad scoring (old log-probs: the rollout's under plain sampling,
@@ -134,7 +134,7 @@ def _merge(a: Optional[Rollouts], b: Rollouts) -> Rollouts:
 
 
 def collect(ctx: RLContext, reader: Iterator[dict], step: int) -> tuple[Rollouts, dict]:
-    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups and refill (PAPO.md s.3)."""
+    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups and refill (docs/algorithm.md s.3)."""
     cfg, n, want = ctx.cfg, ctx.cfg.rollout.n, ctx.prompts_per_rank
     a = cfg.algorithm
     kept, stats = None, {"rollout/attempts": 0.0, "rollout/dropped_groups": 0.0}

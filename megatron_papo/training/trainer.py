@@ -35,8 +35,11 @@ def build_data(cfg: Config):
 
     d = cfg.data
     if d.synthetic_if_missing:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed)
+        if (not dist.is_initialized() or dist.get_rank() == 0) and \
+                ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed):
+            print(f"data: {d.train_shards} held no shards: wrote {d.synthetic_samples} SYNTHETIC samples there and "
+                  "training uses them (data.synthetic_if_missing=true); set it to false to train only on your "
+                  "own data", flush=True)
         if dist.is_initialized():
             dist.barrier()
     resolve_shards(d.train_shards)
@@ -305,7 +308,7 @@ def summarize(run: Run, result: dict) -> Optional[str]:
     if skipped:
         run.logger.info("skipped samples: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items()))
                         + " (tools/inspect_shards.py names them)")
-    run.logger.info(f"tensorboard logs: {cfg.logging.tensorboard_dir}")
+    run.logger.info(f"tensorboard logs: {run.logger.run_dir}")
     run.logger.info(f"checkpoint: {result['checkpoint']}")
     line = f"mean reward {start:.3f} -> {end:.3f}"
     run.logger.info(line)
