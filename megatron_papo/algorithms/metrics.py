@@ -40,7 +40,7 @@ def reduce_metrics(per_micro_batch: list[dict[str, torch.Tensor]], group=None) -
 
 
 class CollapseDetector:
-    """Warns when perception KL, clip fraction and the NLLs of both policies rise together (docs/algorithm.md section 4).
+    """Warns when perception KL, clip fraction and the NLLs of both policies rise together (docs/algorithm.md s.4).
 
     Feed it the reduced metrics of each RL step (keys ``perception_kl``, ``pg_clipfrac``, ``nll``, ``mask_nll``).
     It compares the mean of the last ``window`` steps with the mean of the ``window`` steps before: all four must

@@ -134,7 +134,7 @@ def _merge(a: Optional[Rollouts], b: Rollouts) -> Rollouts:
 
 
 def collect(ctx: RLContext, reader: Iterator[dict], step: int) -> tuple[Rollouts, dict]:
-    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups and refill (docs/algorithm.md s.3)."""
+    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups, refill (algorithm.md s.3)."""
     cfg, n, want = ctx.cfg, ctx.cfg.rollout.n, ctx.prompts_per_rank
     a = cfg.algorithm
     kept, stats = None, {"rollout/attempts": 0.0, "rollout/dropped_groups": 0.0}
