@@ -200,8 +200,7 @@ class TrainingConfig:
     reward_timeout_s: float = 10.0
     # reward worker processes per rank (used when reward_timeout_s > 0)
     reward_workers: int = 2
-    # stop with an error after this many consecutive RL steps whose optimizer steps were all skipped (non-finite
-    # gradients); the last checkpoint is kept as it is (0: never stop)
+    # stop (error, last checkpoint kept) after this many consecutive RL steps of skipped non-finite updates (0: never)
     max_skipped_steps: int = 5
 
 
