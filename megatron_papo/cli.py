@@ -1,4 +1,4 @@
-"""``megatron-papo``: train, generate, evaluate, compare (the public command line of shared/DESIGN.md)."""
+"""``megatron-papo``: train, generate, evaluate, compare (the public command line documented in README.md)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--dry-run", action="store_true",
                    help="validate the config and build the parallel layout without training")
 
-    g = sub.add_parser("generate", help="generate a response from a checkpoint")
+    g = sub.add_parser("generate", help="generate a response from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--checkpoint", required=True, help="checkpoint directory written by train or conversion")
     g.add_argument("--prompt", required=True, help="the question / instruction")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
     g.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest response in tokens")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (ignored with --greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (1.0: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
     e = sub.add_parser("evaluate", help="avg@k, pass@k and perception metrics per data set",
                        description="Answer every question of the shards k times and grade the answers; per data "
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"megatron-papo {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # a second Ctrl-C (the first one saves and exits 75, see training/preemption.py)
         print("interrupted", file=sys.stderr)
         return 130
     return 0

@@ -65,8 +65,8 @@ class DataConfig:
     train_shards: str = "runs/demo/data/train"
     # evaluation shards (same forms as train_shards; null: none)
     eval_shards: Optional[str] = None
-    # make synthetic shards at train_shards if it holds none (the embedded demo)
-    synthetic_if_missing: bool = True
+    # make SYNTHETIC shards at train_shards if it holds none, announced loudly (the embedded demo sets it)
+    synthetic_if_missing: bool = False
     # number of synthetic samples to make when synthetic_if_missing applies
     synthetic_samples: int = 2000
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -82,13 +82,19 @@ class DataConfig:
     max_pixels: int = 1280 * 28 * 28
     # validation shards evaluated during training every training.eval_interval RL steps (null: none)
     val_shards: Optional[str] = None
+    # samples with a tar member larger than this many bytes are skipped unread and counted (0: no cap)
+    max_member_bytes: int = 512 * 1024 * 1024
+    # samples with an image of more pixels than this (read from its header, before decoding) are skipped (0: no cap)
+    max_image_pixels: int = 150_000_000
+    # samples whose images hold more pixels than this in total are skipped before decoding (0: no cap)
+    max_sample_pixels: int = 400_000_000
 
 
 @dataclass
 class RolloutConfig:
     # responses sampled per prompt (the GRPO group size)
     n: int = 5
-    # sampling temperature (also used when scoring log-probs)
+    # sampling temperature, also used when scoring log-probs (0: greedy decoding, log-probs scored at temperature 1)
     temperature: float = 1.0
     # nucleus sampling threshold (1.0: off)
     top_p: float = 0.99
@@ -219,6 +225,12 @@ class TrainingConfig:
     eval_limit: int = 64
     # answers sampled per validation question (avg@k)
     eval_k: int = 2
+    # seconds one response may take to grade; slower ones score 0 and are counted (0: grade inline, no limit)
+    reward_timeout_s: float = 10.0
+    # reward worker processes per rank (used when reward_timeout_s > 0)
+    reward_workers: int = 2
+    # stop (error, last checkpoint kept) after this many consecutive RL steps of skipped non-finite updates (0: never)
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -229,8 +241,12 @@ class CheckpointConfig:
     save_interval: int = 50
     # keep the newest k checkpoints (0: keep all)
     keep_last: int = 3
-    # resume: null (fresh start) | auto (newest in dir, if any) | a checkpoint directory
+    # resume: null (fresh start) | auto (newest complete one in dir, if any) | a checkpoint directory
     resume: Optional[str] = "auto"
+    # on resume, the config's learning-rate schedule (optimizer.lr, warmup, schedule) replaces the checkpoint's
+    override_lr_schedule: bool = True
+    # on resume, continue the data order where the checkpoint stopped (false: start reading afresh from the seed)
+    load_reader_state: bool = True
 
 
 @dataclass
@@ -256,7 +272,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# --- published algorithm presets (shared/PAPO.md section 3) -------------------------------------------------
+# --- published algorithm presets (docs/algorithm.md section 3) -------------------------------------------------
 ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
     "grpo": dict(advantage="grpo", policy_loss="papo", eps_low=0.2, eps_high=0.3, dual_clip_c=3.0, beta=0.01,
                  gamma=0.0, eta1=0.0, eta2=0.0, dynamic_sampling=False),
@@ -312,8 +328,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, (bool, list, tuple, dict)) or value is None:
+            raise ConfigError(f"{path}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
         try:
             num = float(value) if tp is float else int(str(value), 0) if isinstance(value, str) else value
         except (TypeError, ValueError):
@@ -425,13 +441,19 @@ def validate(cfg: Config) -> None:
     for dotted, choices in _CHOICES.items():
         if _get(cfg, dotted) not in choices:
             raise ConfigError(f"{dotted}: {_get(cfg, dotted)!r} is not one of {', '.join(map(str, choices))}")
+    from megatron_papo.config_checks import check_config
+
+    check_config(cfg)
     positive = ["parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "rollout.n",
                 "training.prompts_per_step", "training.prompts_per_update", "training.micro_batch_size",
-                "training.ppo_epochs", "algorithm.mask_patch_size", "data.max_prompt_length"]
+                "training.ppo_epochs", "algorithm.mask_patch_size", "data.max_prompt_length",
+                "rollout.max_new_tokens", "algorithm.dynamic_sampling_max_tries", "training.reward_workers"]
     for dotted in positive:
         if _get(cfg, dotted) is not None and _get(cfg, dotted) < 1:
             raise ConfigError(f"{dotted} must be >= 1, got {_get(cfg, dotted)}")
-    nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.max_new_tokens", "rollout.top_k",
+    nonneg = ["training.rl_steps", "training.warmup_sft_steps", "rollout.top_k", "training.max_skipped_steps",
+              "training.seed", "training.reward_timeout_s", "data.max_member_bytes", "data.max_image_pixels",
+              "data.max_sample_pixels",
               "algorithm.beta", "algorithm.gamma", "algorithm.eta1", "algorithm.eta2", "optimizer.lr",
               "optimizer.weight_decay", "optimizer.clip_grad", "checkpoint.keep_last", "checkpoint.save_interval",
               "data.shuffle_buffer", "data.num_workers", "parallel.world_size", "training.cpu_threads",

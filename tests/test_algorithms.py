@@ -1,5 +1,5 @@
 """PAPO loss terms, advantages, dynamic sampling, presets and the collapse detector against hand-computed float64
-values (shared/PAPO.md sections 1 and 3)."""
+values (docs/algorithm.md sections 1 and 3)."""
 
 import math
 
@@ -170,7 +170,7 @@ def test_missing_inputs_and_bad_shapes_raise():
 
 
 def test_full_papo_g_objective_against_scalar_reference():
-    """Every term at once, random values, against a plain-Python per-token evaluation of PAPO.md section 1."""
+    """Every term at once, random values, against a plain-Python per-token evaluation of docs/algorithm.md section 1."""
     g = torch.Generator().manual_seed(0)
     B, T = 3, 7
     logp = -torch.rand(B, T, generator=g, dtype=F64) * 3

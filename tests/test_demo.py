@@ -42,7 +42,7 @@ def test_demo_reward_rises_and_writes_logs_and_checkpoint(demo):
     assert m, lines[-1]
     start, end = float(m.group(1)), float(m.group(2))
     assert end > start, (start, end)
-    assert list((cwd / "runs/demo/tensorboard").glob("events.out.tfevents.*"))
+    assert list((cwd / "runs/demo/tensorboard").glob("run-*/events.out.tfevents.*"))
     assert (cwd / "runs/demo/checkpoints/step_30/metadata.json").is_file()
 
 

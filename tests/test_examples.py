@@ -31,7 +31,7 @@ PUBLISHED_DIMS = {
 # Published vision tower (all sizes): depth 32, width 1280, 16 heads, patch 14, merge 2; MLP 3420 (3B/7B), 3456.
 PUBLISHED_VISION_MLP = {"qwen2.5-vl-3b": 3420, "qwen2.5-vl-7b": 3420, "qwen2.5-vl-32b": 3456, "qwen2.5-vl-72b": 3456}
 
-# PAPO paper section 3 (shared/PAPO.md): per algorithm and per size.
+# PAPO paper section 3 (docs/algorithm.md): per algorithm and per size.
 PUBLISHED_ALGO = {
     "grpo": dict(eps_low=0.2, eps_high=0.3, beta=0.01, gamma=0.0, eta1=0.0, eta2=0.0, dynamic_sampling=False),
     "papo_g": dict(eps_low=0.2, eps_high=0.3, beta=0.01, gamma=0.02, dynamic_sampling=False),

@@ -1,4 +1,4 @@
-"""Random patch blackening (PAPO.md section 2): reproducible, ratio near the target, size/mode kept, grid from the
+"""Random patch blackening (docs/algorithm.md s.2): reproducible, ratio near the target, size/mode kept, grid from the
 top-left with partial edge cells, one mask per prompt shared by its n rollouts."""
 
 import numpy as np

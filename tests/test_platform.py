@@ -35,7 +35,7 @@ def test_check_layout():
 
 
 def test_cpu_adaptation_matches_pinned_megatron():
-    """Fails loudly if megatron-core moves under the adaptation (re-verify MEGATRON_ON_CPU.md on upgrade)."""
+    """Fails loudly if megatron-core moves under the adaptation (re-verify cpu_compat.py on upgrade)."""
     import inspect
 
     import megatron.core

@@ -440,7 +440,8 @@ def _trainer_entry_missing() -> str | None:
 
 
 def _newest_step(ckpt_dir: Path) -> int:
-    steps = [int(p.name[5:]) for p in ckpt_dir.glob("step_*") if (p / "metadata.json").exists()]
+    steps = [int(p.name[5:]) for p in ckpt_dir.glob("step_*")
+             if p.name[5:].isdigit() and (p / "metadata.json").exists()]     # not a step_N.tmp being written
     return max(steps, default=0)
 
 

@@ -46,13 +46,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", help="data set name stored with every sample (default: input file stem)")
     parser.add_argument("--reward", default="math", help="reward function name stored with every sample")
     parser.add_argument("--keep-image-tags", action="store_true", help="keep <image> placeholders in questions")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the .tar shards already in --out first (without it a non-empty --out is refused)")
     args = parser.parse_args(argv)
 
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from megatron_papo.data.shards import write_shards
+    from megatron_papo.data.shards import prepare_out_dir, write_shards
     from megatron_papo.data.sources import RowOptions, iter_samples
 
     opts = RowOptions(image_root=Path(args.image_root) if args.image_root else None,
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
                       reward=args.reward, strip_image_tags=not args.keep_image_tags)
     rejected: dict = {}
     try:
+        removed = prepare_out_dir(args.out, args.overwrite)
+        if removed:
+            print(f"--overwrite: deleted {removed} old shard(s) in {args.out}", file=sys.stderr)
         with tqdm(desc="writing", unit="sample", file=sys.stderr) as bar:
             paths = write_shards(iter_samples(args.inputs, opts, rejected), args.out, args.prefix,
                                  args.samples_per_shard, progress=lambda n: bar.update(1))

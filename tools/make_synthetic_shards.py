@@ -23,14 +23,19 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=56, help="image side in pixels (multiple of 14, >= 42)")
     parser.add_argument("--samples-per-shard", type=int, default=250, help="samples per shard")
     parser.add_argument("--prefix", default="synthetic", help="shard file name prefix")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the .tar shards already in --out first (without it a non-empty --out is refused)")
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
 
-    from megatron_papo.data.shards import write_shards
+    from megatron_papo.data.shards import prepare_out_dir, write_shards
     from megatron_papo.data.synthetic import iter_synthetic_samples
 
     try:
+        removed = prepare_out_dir(args.out, args.overwrite)
+        if removed:
+            print(f"--overwrite: deleted {removed} old shard(s) in {args.out}", file=sys.stderr)
         samples = iter_synthetic_samples(args.num_samples, args.seed, args.kinds, args.image_size)
         with tqdm(total=args.num_samples, desc="writing", unit="sample", file=sys.stderr) as bar:
             paths = write_shards(samples, args.out, args.prefix, args.samples_per_shard,

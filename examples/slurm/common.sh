@@ -87,10 +87,18 @@ mp_run_step() {
     done
     trap - USR1 TERM
     mp_log "step finished with status ${rc}"
+    # 75 (EX_TEMPFAIL) is the trainer's "stopped by a signal after saving its checkpoint": resumable, not done.
+    # It needs one RL step plus one checkpoint save of grace after the signal (#SBATCH --signal=B:USR1@<seconds>).
+    if (( rc == 75 )) || { [[ -n "${MP_SIGNAL}" ]] && (( rc == 143 )); }; then
+        mp_log "the trainer checkpointed and stopped early (pre-empted, exit 75); --resume auto continues it"
+    fi
     if [[ "${MP_SIGNAL}" == "USR1" ]]; then
         if (( ${SLURM_RESTART_COUNT:-0} < ${MAX_REQUEUES:-20} )); then
             mp_log "requeueing job ${SLURM_JOB_ID}; the next start resumes from the newest checkpoint"
             scontrol requeue "${SLURM_JOB_ID}"
+            # pre-empted, saved and requeued: this start did what it should (143: srun --kill-on-bad-exit ended
+            # the peers of a rank that had already exited 75 after the shared save)
+            if (( rc == 75 || rc == 143 )); then rc=0; fi
         else
             mp_log "not requeueing: already restarted ${SLURM_RESTART_COUNT} times (MAX_REQUEUES=${MAX_REQUEUES:-20})"
         fi

@@ -1,4 +1,4 @@
-"""The PAPO algorithm as pure functions the trainer composes (shared/PAPO.md).
+"""The PAPO algorithm as pure functions the trainer composes (docs/algorithm.md).
 
 Legend: N = responses in an RL step, prompt-major (prompt 0's n samples first); B = sequences in a micro-batch;
 T = response tokens (right-padded); every per-token tensor is ``[B, T]`` float32 aligned with ``response_mask``.

@@ -1,4 +1,4 @@
-"""Masked images for the Implicit Perception Loss: random patch blackening (PAPO.md section 2).
+"""Masked images for the Implicit Perception Loss: random patch blackening (docs/algorithm.md section 2).
 
 Cells of a ``patch_size`` grid starting at the top-left corner (edge cells partial) independently become black
 with probability ``ratio``. The draw is a numpy ``Generator``, so a run's masks are reproducible from

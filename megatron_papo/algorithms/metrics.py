@@ -56,7 +56,7 @@ def reduce_means(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], group=None
 
 
 class CollapseDetector:
-    """Warns when perception KL, clip fraction and the NLLs of both policies rise together (PAPO.md section 4).
+    """Warns when perception KL, clip fraction and the NLLs of both policies rise together (docs/algorithm.md s.4).
 
     Feed it the reduced metrics of each RL step (keys ``perception_kl``, ``pg_clipfrac``, ``nll``, ``mask_nll``).
     It compares the mean of the last ``window`` steps with the mean of the ``window`` steps before: all four must
@@ -82,7 +82,7 @@ class CollapseDetector:
         if msg is not None:
             self.warnings += 1
             msg = f"step {step}: {msg}" if step is not None else msg
-            logger.warning(msg)
+            logger.info(msg)           # the run logger prints it (once); logging it too showed it twice
         return msg
 
     def _check(self) -> Optional[str]:

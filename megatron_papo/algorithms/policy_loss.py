@@ -1,7 +1,7 @@
 """Policy losses by name. ``papo`` covers GRPO, DAPO, PAPO-G and PAPO-D: the coefficients decide which terms act.
 
 Legend: B = sequences in the micro-batch, T = response tokens (padded); every per-token tensor is [B, T] and only
-positions where ``response_mask`` is set count. Per token (shared/PAPO.md section 1)::
+positions where ``response_mask`` is set count. Per token (docs/algorithm.md section 1)::
 
     r       = exp(clamp(logp - old_logp, -20, 20))
     pg      = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),  capped at -A C where A < 0 (dual clip)

@@ -1,12 +1,18 @@
-"""Read every sample of a set of shards the way training does and report what is wrong (``inspect_shards``)."""
+"""Read every sample of a set of shards the way training does and report what is wrong (``inspect_shards``).
+
+The same code path as the training reader (``reader.decode_sample``): the same caps (``limits.py``), field rules,
+truncation checks and, given a tokenizer, the same prompt transform (chat template, image processor, length).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
-from megatron_papo.data.reader import resolve_shards
-from megatron_papo.data.shards import BadSample, iter_raw_groups, parse_group
+from megatron_papo.data.limits import DEFAULT_LIMITS, DataLimits
+from megatron_papo.data.reader import decode_sample, resolve_shards
+from megatron_papo.data.shards import BadSample, iter_raw_groups
 
 
 @dataclass
@@ -19,13 +25,12 @@ class ShardReport:
     images: int = 0
 
 
-def inspect_shard(shard: str, max_examples: int = 3) -> ShardReport:
+def inspect_shard(shard: str, max_examples: int = 3, transform: Optional[Callable] = None,
+                  limits: DataLimits = DEFAULT_LIMITS) -> ShardReport:
     report = ShardReport(shard)
-    for key, group in iter_raw_groups(shard):
+    for key, group in iter_raw_groups(shard, limits.max_member_bytes):
         try:
-            if isinstance(group, BadSample):
-                raise group
-            sample = parse_group(shard, key, group)
+            sample = decode_sample(shard, key, group, transform, limits)
         except BadSample as bad:
             report.skipped[bad.reason] += 1
             if len(report.examples) < max_examples:
@@ -37,14 +42,24 @@ def inspect_shard(shard: str, max_examples: int = 3) -> ShardReport:
     return report
 
 
-def inspect_shards(spec, progress=None) -> list[ShardReport]:
+def inspect_shards(spec, progress=None, transform: Optional[Callable] = None,
+                   limits: DataLimits = DEFAULT_LIMITS) -> list[ShardReport]:
     """One report per shard of ``spec`` (directory, glob, brace pattern or list); ``progress(report)`` per shard."""
     reports = []
     for shard in resolve_shards(spec, field="SHARDS"):
-        reports.append(inspect_shard(shard))
+        reports.append(inspect_shard(shard, transform=transform, limits=limits))
         if progress is not None:
             progress(reports[-1])
     return reports
+
+
+def training_checks(data_cfg) -> tuple[Callable, DataLimits]:
+    """The prompt transform and caps a training run with this ``data`` config section applies."""
+    from megatron_papo.data import PromptEncoder, Qwen2VLImageProcessor, build_tokenizer
+
+    tokenizer = build_tokenizer(data_cfg.tokenizer)
+    processor = Qwen2VLImageProcessor(min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels)
+    return PromptEncoder(tokenizer, processor, data_cfg.max_prompt_length), DataLimits.from_config(data_cfg)
 
 
 def format_report(report: ShardReport) -> str:

@@ -42,8 +42,26 @@ def expand_image_pads(ids: Sequence[int], image_token_id: int, counts: Sequence[
     return out
 
 
+# inserted after the first character of a special token's text found in a question, so it tokenizes as plain text
+ESCAPE = "\u2060"   # WORD JOINER: invisible, not whitespace
+
+
+def escape_special_tokens(text: str, tokenizer=None) -> str:
+    """Special-token strings typed inside data text (``<|image_pad|>``, ``<|im_end|>``...) become plain text: a
+    question can neither add an image placeholder nor end its turn early."""
+    from megatron_papo.data.tokenizer import SPECIAL_TOKENS
+
+    specials = set(SPECIAL_TOKENS) | set(getattr(tokenizer, "special_texts", ()) or ())
+    for tok in sorted(specials, key=len, reverse=True):
+        if len(tok) > 1 and tok in text:
+            text = text.replace(tok, tok[0] + ESCAPE + tok[1:])
+    return text
+
+
 def encode_prompt(tokenizer, processor, question: str, images: Sequence[Image.Image]) -> PromptInputs:
-    """Chat-template the question (PAPO instruction included) for ``len(images)`` images and encode everything."""
+    """Chat-template the question (PAPO instruction included; special-token text in it escaped) for
+    ``len(images)`` images and encode everything."""
+    question = escape_special_tokens(question, tokenizer)
     ids = tokenizer.encode(tokenizer.chat_prompt(question, len(images)))
     if not images:
         expand_image_pads(ids, tokenizer.image_token_id, [])  # rejects a stray <|image_pad|> in the question

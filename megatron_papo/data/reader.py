@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch.utils.data
 
+from megatron_papo.data.limits import DEFAULT_LIMITS, DataLimits
 from megatron_papo.data.shards import BadSample, SkipSample, iter_raw_groups, parse_group
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,29 @@ def _resolve_one(spec: str, field: str) -> list[str]:
                      f".tar shards)")
 
 
+def decode_sample(shard: str, key: str, group, transform: Optional[Callable] = None,
+                  limits: DataLimits = DEFAULT_LIMITS) -> dict:
+    """Parse a raw group and apply the reader transform. *Every* per-sample failure becomes a :class:`BadSample`
+    naming shard, key and reason, so one hostile sample can only ever be a counted skip (training, evaluation and
+    tools/inspect_shards.py all read through here)."""
+    if isinstance(group, BadSample):
+        raise group
+    try:
+        sample = parse_group(shard, key, group, limits)
+    except BadSample:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything a hostile sample provokes in parsing
+        raise BadSample("bad_sample", shard, key, f"{type(exc).__name__}: {exc}") from None
+    if transform is None:
+        return sample
+    try:
+        return transform(sample)
+    except SkipSample as skip:
+        raise BadSample(skip.reason, shard, key, str(skip)) from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a prompt the image processor or template cannot take
+        raise BadSample("bad_prompt", shard, key, f"{type(exc).__name__}: {exc}") from None
+
+
 @dataclass
 class SlotState:
     """Where a slot stands: the start of its current block and how many block entries were consumed."""
@@ -97,8 +121,9 @@ class _SlotStream:
 
     def __init__(self, shards: Sequence[str], slot: int, num_slots: int, seed: int, block_size: int,
                  shuffle: bool, transform: Optional[Callable], state: Optional[dict] = None,
-                 stats: Optional[dict] = None):
+                 stats: Optional[dict] = None, limits: DataLimits = DEFAULT_LIMITS):
         self.shards, self.slot, self.num_slots, self.seed = list(shards), slot, num_slots, seed
+        self.limits = limits
         self.block_size, self.shuffle, self.transform = block_size, shuffle, transform
         self.split_samples = len(self.shards) < num_slots
         self.state = SlotState(**state) if state else SlotState()
@@ -114,7 +139,7 @@ class _SlotStream:
         # Continue the shard left open by the previous block; open and skip `pos` samples only after a resume.
         if self._live is not None and self._live[0] == (shard, pos):
             return self._live[1]
-        return itertools.islice(iter_raw_groups(shard), pos, None)
+        return itertools.islice(iter_raw_groups(shard, self.limits.max_member_bytes), pos, None)
 
     def _read_block(self, st: SlotState) -> tuple[list, SlotState]:
         """The next block of owned raw entries from ``st`` and the state where the following block starts."""
@@ -137,16 +162,10 @@ class _SlotStream:
 
     def _decode(self, shard: str, key: str, group) -> Optional[dict]:
         try:
-            if isinstance(group, BadSample):
-                raise group
-            sample = parse_group(shard, key, group)
-            return self.transform(sample) if self.transform is not None else sample
+            return decode_sample(shard, key, group, self.transform, self.limits)
         except BadSample as bad:
             self.stats[bad.reason] += 1
             log.warning("skipped sample: %s (%d %s so far)", bad, self.stats[bad.reason], bad.reason)
-        except SkipSample as skip:
-            self.stats[skip.reason] += 1
-            log.warning("skipped sample %r in %s: %s (%d so far)", key, shard, skip, self.stats[skip.reason])
         return None
 
     def __iter__(self) -> Iterator[dict]:
@@ -200,7 +219,8 @@ class ShardReader:
     """
 
     def __init__(self, shards, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
-                 num_workers: int = 0, transform: Optional[Callable] = None, field: str = "data.train_shards"):
+                 num_workers: int = 0, transform: Optional[Callable] = None, field: str = "data.train_shards",
+                 limits: DataLimits = DEFAULT_LIMITS):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data reader: need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
         if shuffle_buffer < 0 or num_workers < 0:
@@ -209,6 +229,7 @@ class ShardReader:
         self.shards = resolve_shards(shards, field)
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.shuffle_buffer, self.num_workers, self.transform = shuffle_buffer, num_workers, transform
+        self.limits = limits
         self._local_slots = max(1, num_workers)
         self.num_slots = dp_size * self._local_slots
         if len(self.shards) < self.num_slots:
@@ -222,7 +243,8 @@ class ShardReader:
     def _stream(self, local: int) -> _SlotStream:
         block = self.shuffle_buffer if self.shuffle_buffer > 0 else _NO_SHUFFLE_BLOCK
         return _SlotStream(self.shards, self.dp_rank * self._local_slots + local, self.num_slots, self.seed, block,
-                           self.shuffle_buffer > 0, self.transform, self._states[local], self._stats[local])
+                           self.shuffle_buffer > 0, self.transform, self._states[local], self._stats[local],
+                           self.limits)
 
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers == 0:
@@ -233,7 +255,8 @@ class ShardReader:
             return
         loader = torch.utils.data.DataLoader(_WorkerSlots(self, self._next), batch_size=None,
                                              num_workers=self.num_workers, collate_fn=_identity,
-                                             multiprocessing_context="fork", prefetch_factor=2)
+                                             multiprocessing_context="fork", prefetch_factor=2,
+                                             worker_init_fn=_worker_init)
         for sample, local, state, stats in loader:
             self._states[local], self._stats[local] = state, stats
             self._next = (local + 1) % self.num_workers
@@ -268,3 +291,12 @@ class ShardReader:
 
 def _identity(x):
     return x
+
+
+def _worker_init(_worker_id: int) -> None:
+    """Workers leave SIGINT/SIGTERM/SIGUSR1 to the trainer (SLURM signals the whole process group; a worker that
+    died of it would break the save the trainer is making) and die with it (torch installs its own SIGTERM
+    handler in workers just before this runs)."""
+    from megatron_papo.platform.children import ignore_trainer_signals
+
+    ignore_trainer_signals()

@@ -39,7 +39,7 @@ _SPM_RECIPE = "bpe-identity-bytefallback-v1"
 
 
 def papo_user_text(question: str) -> str:
-    """The user turn's text: the question, then the PAPO instruction (PAPO.md section 3)."""
+    """The user turn's text: the question, then the PAPO instruction (docs/algorithm.md section 3)."""
     return f"{question.strip()} {PAPO_INSTRUCTION}"
 
 
@@ -148,6 +148,8 @@ class HFTokenizer:
         opener = f"{IM_START}assistant\n"
         # what the template writes after the assistant opener: "<think>\n" for thinking checkpoints, else ""
         self.response_prefix = self.chat_prompt("", 0).rpartition(opener)[2]
+        # texts that encode to a special id; escaped when they appear inside data (prompts.escape_special_tokens)
+        self.special_texts = sorted(set(self._tok.get_added_vocab()) | set(self._tok.all_special_tokens))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)

@@ -9,6 +9,7 @@ not depend on the batch size or the parallel layout.
 
 from __future__ import annotations
 
+import sys
 import math
 from pathlib import Path
 from typing import Iterator, Optional
@@ -25,16 +26,16 @@ def iter_questions(spec: str, limit: int = 0, field: str = "--data") -> Iterator
     """Every good sample of the shards once, in shard order (bad ones are skipped, as in training), each with
     ``id`` and ``index`` added; at most ``limit`` (0: all)."""
     from megatron_papo.data import resolve_shards
-    from megatron_papo.data.shards import BadSample, iter_raw_groups, parse_group
+    from megatron_papo.data.reader import decode_sample
+    from megatron_papo.data.shards import BadSample, iter_raw_groups
 
     count = 0
     for shard in resolve_shards(spec, field=field):
         for key, group in iter_raw_groups(shard):
-            if isinstance(group, BadSample):
-                continue
             try:
-                sample = parse_group(shard, key, group)
-            except BadSample:
+                sample = decode_sample(shard, key, group)     # the training reader's checks and caps
+            except BadSample as bad:
+                print(f"skipped: {bad}", file=sys.stderr)
                 continue
             sample["id"], sample["index"] = question_id(sample), count
             yield sample

@@ -1,4 +1,4 @@
-"""The small CPU adaptation of megatron-core 0.16.1 (see shared/MEGATRON_ON_CPU.md).
+"""The small CPU adaptation of megatron-core 0.16.1 (each adaptation is listed below).
 
 megatron-core assumes CUDA in a few places that matter for us. Without CUDA we:
   1. make ``torch.cuda.current_device()`` return the CPU device (buffer placement all over megatron);

@@ -75,8 +75,9 @@ def check_layout(world_size: int, tp: int, pp: int) -> int:
     if world_size % (tp * pp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} x "
-            f"pipeline_model_parallel_size {pp} = {tp * pp}; launch a multiple of {tp * pp} processes "
-            "or change parallel.tensor_model_parallel_size / parallel.pipeline_model_parallel_size"
+            f"pipeline_model_parallel_size {pp} = {tp * pp}; launch a multiple of {tp * pp} processes (with --dry-run: "
+            "set parallel.world_size) or change parallel.tensor_model_parallel_size / "
+            "parallel.pipeline_model_parallel_size"
         )
     return world_size // (tp * pp)
 

@@ -1,7 +1,7 @@
 """Rewards: ``fn(response: str, ground_truth: str) -> {"overall", "accuracy", "format"}``, floats in [0, 1].
 
 - :func:`math_reward`: ``0.9 * accuracy + 0.1 * format``; accuracy = mathruler's ``grade_answer`` on the last
-  ``\\boxed{}``; format = ``<think>...</think>`` then ``\\boxed{...}`` (PAPO.md section 3).
+  ``\\boxed{}``; format = ``<think>...</think>`` then ``\\boxed{...}`` (docs/algorithm.md section 3).
 - :func:`choice_reward`: the same with a multiple-choice letter comparison (falls back to math grading when the
   ground truth is not a letter).
 - :func:`get_reward` ``(name)``: registry lookup (``math``, ``choice``/``multiple_choice``); ``register_reward``.

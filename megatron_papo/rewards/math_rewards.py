@@ -1,4 +1,4 @@
-"""Math answer reward: ``overall = 0.9 * accuracy + 0.1 * format`` (PAPO.md section 3).
+"""Math answer reward: ``overall = 0.9 * accuracy + 0.1 * format`` (docs/algorithm.md section 3).
 
 Accuracy grades the content of the last ``\\boxed{...}`` against the ground truth with ``mathruler``'s
 ``grade_answer`` (the grader behind the published numbers). Everything here is linear-time in the response and
@@ -23,6 +23,8 @@ _WS = re.compile(r"\s+")
 # an exponent that starts with 3+ digits (2^-99999999: mathruler only refuses unsigned ones), or a tower a^-9^9
 _BIG_EXPONENT = re.compile(r"\^[\s{(]*[-+]?[\s{(]*\d[\s,]*\d[\s,]*\d")
 _TOWER = re.compile(r"\^\s*[-+]?\s*[\w.]+\s*\^")
+# an exponent token: a braced or parenthesised group, or a number / name written with separators (_ ' \, .)
+_EXPONENT = re.compile(r"\^\s*(\{[^{}]*\}|\([^()]*\)|[-+]?(?:[\w.']|\\,)+)")
 
 
 def squeeze_tag_spaces(text: str) -> str:
@@ -79,9 +81,19 @@ def _sympy_view(expr: str) -> str:
 def _no_explosive_powers(expr: str) -> bool:
     if "**" in expr or expr.replace("\\!", "").count("!") > 0:           # towers and factorials explode
         return False
-    if _BIG_EXPONENT.search(expr) or _TOWER.search(expr):
+    if _BIG_EXPONENT.search(expr) or _TOWER.search(expr) or _risky_exponent(expr):
         return False
     return expr.count("^") <= MAX_POWERS
+
+
+def _risky_exponent(expr: str) -> bool:
+    """Digit separators (``123_456``, ``123\\,456``, ``123'456``) or other bases (``0x7F``) in an exponent hide
+    a huge power from the plain-digit check: 3+ digits once separators are dropped, or a base prefix."""
+    for m in _EXPONENT.finditer(expr):
+        alnum = re.sub(r"[^0-9A-Za-z]", "", m.group(1))
+        if sum(c.isdigit() for c in alnum) >= 3 or re.search(r"0[xXbBoO]", alnum):
+            return True
+    return False
 
 
 def safe_grade(given: str, ground_truth: str) -> bool:

@@ -13,7 +13,6 @@ import sys
 
 def generate_command(args) -> int:
     import torch.distributed as dist
-    from PIL import Image
 
     from megatron_papo.data.prompts import encode_prompt
     from megatron_papo.platform import init_distributed, init_model_parallel, shutdown
@@ -27,7 +26,7 @@ def generate_command(args) -> int:
     missing = [p for p in args.image if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"--image: no such file(s): {', '.join(missing)}")
-    images = [Image.open(p).convert("RGB") for p in args.image]
+    images = [_open_image(p) for p in args.image]
     info = init_distributed()
     init_model_parallel(tp=info.world_size, pp=1, seed=args.seed)
     try:
@@ -46,3 +45,21 @@ def generate_command(args) -> int:
         if dist.is_initialized():
             shutdown()
     return 0
+
+
+def _open_image(path: str):
+    """The image at ``path`` as RGB, or a ValueError naming the file (the CLI prints one line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from megatron_papo.data.limits import DEFAULT_LIMITS
+    from megatron_papo.data.shards import open_image
+
+    try:
+        with open(path, "rb") as f:
+            image = open_image(f.read(), DEFAULT_LIMITS)
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"--image {path}: not a readable image ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. the too-large check
+        raise ValueError(f"--image {path}: {exc}") from None

@@ -36,7 +36,8 @@ def default_config_tree() -> dict:
 
 
 def train(cfg: Config, dry_run: bool = False) -> int:
-    """Run training (or only validate and describe the layout with ``dry_run``); returns the exit code."""
+    """Run training (or only validate and describe the layout with ``dry_run``); returns the exit code: 0 done,
+    ``EXIT_PREEMPTED`` (75) stopped by a signal after saving its checkpoint."""
     if dry_run:
         from megatron_papo.training.layout import describe_layout
 
@@ -52,8 +53,9 @@ def train(cfg: Config, dry_run: bool = False) -> int:
         out = Path(cfg.checkpoint.dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))   # the resolved config of the run
-    run_training(cfg)
+    result = run_training(cfg)
     from megatron_papo.platform import shutdown
+    from megatron_papo.training.preemption import EXIT_PREEMPTED
 
     shutdown()
-    return 0
+    return EXIT_PREEMPTED if result.get("signal") else 0

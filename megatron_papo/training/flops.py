@@ -31,17 +31,22 @@ def lm_flops(spec, length: int, context: int = 0) -> float:
 
 
 def vision_flops(spec, grid_thw) -> float:
-    """Forward FLOPs of the vision tower and merger for images of patch grids ``grid_thw`` ([n, 3] rows t, h, w)."""
+    """Forward FLOPs of the vision tower and merger(s) for images of patch grids ``grid_thw`` ([n, 3] rows t, h, w).
+
+    Qwen2.5-VL: SwiGLU MLP, window attention except ``fullatt_block_indexes``, one merger. Qwen3-VL (no
+    ``window_size``): two-matrix GELU MLP, full attention in every block, one merger per DeepStack level more."""
     v = spec.vision
     hv, m2 = v.hidden_size, v.spatial_merge_size ** 2
-    layer = 4 * hv * hv + 3 * hv * v.intermediate_size                 # qkv + projection, SwiGLU
-    merger = (hv * m2) ** 2 + hv * m2 * v.out_hidden_size              # per merged token
-    window = (v.window_size // v.patch_size) ** 2                      # patches of a full window
+    windowed = hasattr(v, "window_size")
+    layer = 4 * hv * hv + (3 if windowed else 2) * hv * v.intermediate_size     # qkv + projection, MLP
+    mergers = 1 + len(getattr(v, "deepstack_visual_indexes", ()))
+    merger = mergers * ((hv * m2) ** 2 + hv * m2 * v.out_hidden_size)            # per merged token
+    full = len(v.fullatt_block_indexes) if windowed else v.depth
     total = 0.0
     for t, h, w in (grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw):
         p = t * h * w
+        window = (v.window_size // v.patch_size) ** 2 if windowed else h * w     # patches of a full window
         total += 2.0 * p * (v.depth * layer + v.patch_dim * hv) + 2.0 * (p / m2) * merger
-        full = len(v.fullatt_block_indexes)
         total += 4.0 * hv * p * (full * h * w + (v.depth - full) * min(window, h * w))
     return total
 

@@ -48,9 +48,13 @@ def params_per_stage(cfg: Config, spec=None) -> list[int]:
     if spec.num_layers % pp:
         raise ValueError(f"parallel.pipeline_model_parallel_size {pp} must divide the {spec.num_layers} layers of "
                          f"{cfg.model.preset}")
-    if spec.num_heads % tp or spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+    ok = [t for t in range(1, spec.num_heads + 1) if spec.num_heads % t == 0 and spec.num_kv_heads % t == 0]
+    if spec.num_heads % tp:
         raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide the {spec.num_heads} attention "
-                         f"heads of {cfg.model.preset}")
+                         f"heads of {cfg.model.preset}; valid sizes: {ok}")
+    if spec.num_kv_heads % tp:
+        raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide the {spec.num_kv_heads} key/value "
+                         f"heads (grouped-query attention) of {cfg.model.preset}; valid sizes: {ok}")
     vocab = padded_vocab_size(spec.vocab_size) * spec.hidden_size / tp
     layer, vision = family_of_preset(cfg.model.preset).param_counts(spec, tp)
     stages = []

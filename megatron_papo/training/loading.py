@@ -29,18 +29,20 @@ class InferenceModel:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A converted checkpoint, a ``step_<N>`` directory, or a directory holding some (the newest is taken)."""
-    from megatron_papo.training.checkpoint import list_checkpoints
+    """A converted checkpoint, a ``step_<N>`` directory, or a directory holding some (the newest complete one)."""
+    import sys
+
+    from megatron_papo.training.checkpoint import find_resume
 
     p = Path(path)
     if (p / CONVERTED_META).is_file() or (p / "metadata.json").is_file():
         return p
-    found = list_checkpoints(p) if p.is_dir() else []
-    if not found:
+    found = find_resume("auto", p, warn=lambda m: print(f"WARNING: {m}", file=sys.stderr)) if p.is_dir() else None
+    if found is None:
         raise FileNotFoundError(f"--checkpoint {path}: not a checkpoint: expected a step_<N> directory of "
                                 f"megatron-papo train (or the directory holding them), or the output of "
                                 f"tools/convert_checkpoint.py hf-to-mcore ({CONVERTED_META} + model/)")
-    return found[-1][1]
+    return found
 
 
 def checkpoint_config(path: Path) -> Config:

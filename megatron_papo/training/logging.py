@@ -16,9 +16,22 @@ from megatron_papo.algorithms.metrics import CollapseDetector
 _CONSOLE = (("reward/mean", "reward"), ("reward/accuracy", "acc"), ("actor/perception_kl", "kl_prcp"),
             ("actor/ref_kl", "kl_ref"), ("vppo/dependency", "dep"), ("vppo/token_fraction", "kept"),
             ("actor/pg_clipfrac", "clip"), ("actor/grad_norm", "gnorm"),
-            ("rollout/response_length", "len"), ("time/step", "s/step"), ("time/rollout", "roll"),
+            ("rollout/response_length", "len"), ("data/skipped", "skipped"), ("rewards/timed_out", "timeouts"),
+            ("time/step", "s/step"), ("time/rollout", "roll"),
             ("time/scoring_old", "old"), ("time/scoring_masked", "mask"), ("time/scoring_ref", "ref"),
             ("time/update", "upd"), ("perf/tflops_per_gpu", "TFLOP/s"), ("perf/mfu", "mfu"))
+
+
+def run_directory(tensorboard_dir: str) -> str:
+    """``<tensorboard_dir>/run-<date>-<time>[-k]``: each run (and each resumed start) its own tensorboard run."""
+    import os
+    import time
+
+    base = os.path.join(tensorboard_dir, time.strftime("run-%Y%m%d-%H%M%S"))
+    path, k = base, 1
+    while os.path.exists(path):
+        path, k = f"{base}-{k}", k + 1
+    return path
 
 
 def is_logging_rank() -> bool:
@@ -30,10 +43,12 @@ class RunLogger:
         self.active = is_logging_rank()
         self.log_interval, self.progress = max(1, log_interval), progress
         self.writer = None
+        self.run_dir = None
         if self.active and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(tensorboard_dir)
+            self.run_dir = run_directory(tensorboard_dir)
+            self.writer = SummaryWriter(self.run_dir)
         self.collapse = CollapseDetector()
 
     def info(self, msg: str) -> None:
@@ -50,8 +65,8 @@ class RunLogger:
             self.writer.flush()
         plain = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith("actor/")}
         warning = self.collapse.update(plain, step)
-        if warning:
-            print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+        if warning and self.collapse.warnings == 1:
+            print(f"WARNING: {warning} (printed once; the signals stay in tensorboard)", file=sys.stderr, flush=True)
         if step % self.log_interval == 0 or step == total:
             parts = [f"{short} {float(metrics[k]):.4g}" for k, short in _CONSOLE if k in metrics]
             print(f"step {step}/{total} | " + " | ".join(parts), flush=True)

@@ -1,4 +1,4 @@
-"""One RL step of the PAPO / VPPO family, top to bottom:
+"""One RL step of the PAPO / VPPO family, top to bottom (docs/algorithm.md):
 
     prompts -> auxiliary views of their images (seeded: masked, blank, noise; ``algorithms.views``) -> n rollouts
     with the real image -> rewards -> group advantages (DAPO: dynamic sampling with refill) -> no-grad scoring
@@ -29,9 +29,11 @@ from megatron_papo.algorithms.metrics import reduce_metrics
 from megatron_papo.algorithms.policy_loss import PolicyLossInputs, get_policy_loss
 from megatron_papo.config import Config
 from megatron_papo.rewards import get_reward
+from megatron_papo.rewards.budget import score_responses
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
 from megatron_papo.training.packing import micro_batches
+from megatron_papo.training.preemption import safe_point
 from megatron_papo.training.scoring import select_logprobs_fn
 from megatron_papo.training.sequences import Rows, pair, paired_response_stats, response_stats, run_schedule, seq_len
 from megatron_papo.training.telemetry import step_telemetry, timed_scoring
@@ -102,11 +104,10 @@ def generate(ctx: RLContext, samples: list, step: int, attempt: int) -> Rollouts
                             cfg.training.seed, step) for p, (s, pr) in enumerate(zip(samples, prompts))]
     views = make_views(list(view_plan(cfg.algorithm).generated), requests, cfg.algorithm, ctx.processor)
     out = ctx.engine.generate(prompts, n, ctx.sampling(), seed=_rollout_seed(cfg, step, attempt, ctx.dp_rank))
-    scores = []
-    for i in range(len(out)):
-        s = samples[i // n]
-        text = ctx.tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist())
-        scores.append(get_reward(s.get("reward"))(text, s["answer"]))
+    jobs = [(get_reward(samples[i // n].get("reward")),
+             ctx.tokenizer.response_text(out.response_ids[i][out.response_mask[i]].tolist()), samples[i // n]["answer"])
+            for i in range(len(out))]
+    scores, _ = score_responses(jobs, cfg.training.reward_timeout_s, cfg.training.reward_workers)
     rows = Rows([prompts[i // n].input_ids for i in range(len(out))], out.response_ids, out.response_mask.bool(),
                 [(prompts[i // n].pixel_values, prompts[i // n].image_grid_thw) for i in range(len(out))],
                 out.logprobs.float() if rollout_logprobs_usable(cfg) else None)
@@ -130,7 +131,7 @@ def _merge(a: Optional[Rollouts], b: Rollouts) -> Rollouts:
 
 
 def collect(ctx: RLContext, reader: Iterator[dict], step: int) -> tuple[Rollouts, dict]:
-    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups and refill (PAPO.md s.3)."""
+    """Rollouts for this rank's prompts; with dynamic sampling keep informative groups, refill (algorithm.md s.3)."""
     cfg, n, want = ctx.cfg, ctx.cfg.rollout.n, ctx.prompts_per_rank
     a = cfg.algorithm
     kept, stats = None, {"rollout/attempts": 0.0, "rollout/dropped_groups": 0.0}
@@ -279,6 +280,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     cfg = ctx.cfg
     t0 = time.perf_counter()
     roll, metrics = collect(ctx, reader, step)
+    safe_point()                  # a signal abandons the step here or after scoring: no weight has changed yet
     t1 = time.perf_counter()
     rows, n = roll.rows, cfg.rollout.n
     if len(roll.samples) == 0:
@@ -289,6 +291,7 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     plan = view_plan(cfg.algorithm)
     ctx.scoring_log.clear()
     tokens, view_logp = score(ctx, rows, {name: roll.views[name] for name in plan.scored})
+    safe_point()
     t2 = time.perf_counter()
     tokens["advantages"] = broadcast_to_tokens(adv, rows.response_mask)
     num_updates = max(1, min(cfg.training.prompts_per_step // cfg.training.prompts_per_update, len(roll.samples)))

@@ -75,16 +75,18 @@ def peak_lr(scheduler, optimizer, lr: float):
         scheduler.step(increment=0)
 
 
-def warm_start(ctx, reader: Iterator[dict], steps: int, logger) -> list[float]:
-    """``steps`` supervised steps on ``prompts_per_step`` samples each (peak learning rate
-    ``training.warmup_sft_lr``); returns the NLL per step."""
+def warm_start(ctx, reader: Iterator[dict], steps: int, logger, start: int = 0, after_step=None) -> list[float]:
+    """Steps ``start+1 .. steps`` of the supervised warm-start on ``prompts_per_step`` samples each (peak learning
+    rate ``training.warmup_sft_lr``); ``after_step(done)`` runs after each (it may raise to stop); NLL per step."""
     nlls = []
     with peak_lr(ctx.scheduler, ctx.optimizer, ctx.cfg.training.warmup_sft_lr):
-        for i in logger.bar(range(steps), steps, "warm-start"):
+        for i in logger.bar(range(start, steps), steps - start, "warm-start"):
             m = sft_step(ctx, [next(reader) for _ in range(ctx.prompts_per_rank)])
             nlls.append(m["sft/nll"])
             if logger.writer is not None:
                 logger.writer.add_scalar("sft/nll", m["sft/nll"], i + 1)
+            if after_step is not None:
+                after_step(i + 1)
     if nlls:
         logger.info(f"warm-start done: answer NLL {nlls[0]:.3f} -> {nlls[-1]:.3f}")
     return nlls

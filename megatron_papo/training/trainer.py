@@ -6,6 +6,7 @@ pre-emption -> summary.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,8 +19,9 @@ from megatron_papo.config import Config, to_dict
 from megatron_papo.evaluation.validation import Validator
 from megatron_papo.platform import init_distributed, init_model_parallel
 from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
-from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
-                                               save_checkpoint)
+from megatron_papo.training.checkpoint import save_checkpoint
+from megatron_papo.training.preemption import Preempted, PreemptionHandler, set_current, signal_name
+from megatron_papo.training.resume import resume
 from megatron_papo.training.logging import RunLogger
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled, wrap_ddp
 from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
@@ -31,12 +33,16 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def build_data(cfg: Config):
     """(tokenizer, image processor, reader) for this DP rank; synthetic shards are made first if asked."""
     from megatron_papo.data import PromptEncoder, ShardReader, build_tokenizer, ensure_synthetic_shards, resolve_shards
+    from megatron_papo.data.limits import DataLimits
     from megatron_papo.models import family_of_preset
 
     d = cfg.data
     if d.synthetic_if_missing:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed)
+        if (not dist.is_initialized() or dist.get_rank() == 0) and \
+                ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed):
+            print(f"data: {d.train_shards} held no shards: wrote {d.synthetic_samples} SYNTHETIC samples there and "
+                  "training uses them (data.synthetic_if_missing=true); set it to false to train only on your "
+                  "own data", flush=True)
         if dist.is_initialized():
             dist.barrier()
     resolve_shards(d.train_shards)
@@ -44,7 +50,8 @@ def build_data(cfg: Config):
     processor = family_of_preset(cfg.model.preset).image_processor(d.min_pixels, d.max_pixels)  # patch, mean/std
     reader = ShardReader(d.train_shards, parallel_state.get_data_parallel_rank(),
                          parallel_state.get_data_parallel_world_size(), cfg.training.seed, d.shuffle_buffer,
-                         d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length))
+                         d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length),
+                         limits=DataLimits.from_config(d))
     return tokenizer, processor, reader
 
 
@@ -106,6 +113,13 @@ class Run:
     reader: object
     logger: RunLogger
     start_step: int = 0
+    # warm-start steps already done (from the checkpoint resumed from)
+    warmup_done: int = 0
+    # the run changed weights since its last save
+    dirty: bool = False
+    # consecutive RL steps whose optimizer steps were all skipped (non-finite gradients)
+    skipped_in_a_row: int = 0
+    handler: Optional[PreemptionHandler] = None
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -130,34 +144,51 @@ def build_run(cfg: Config) -> Run:
     optimizer, scheduler = build_optimizer(cfg.optimizer, [ddp], optimizer_steps(cfg), _DTYPES[cfg.model.params_dtype])
     engine = MegatronEngine(policy, max_seq_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
                             tokenizer=tokenizer)
-    ctx = RLContext(cfg, ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
+    ctx = RLContext(greedy_as_top1(cfg), ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
     logger = RunLogger(cfg.logging.tensorboard_dir, cfg.logging.log_interval, cfg.logging.progress)
     return Run(ctx, reader, logger)
+
+
+def greedy_as_top1(cfg: Config) -> Config:
+    """``rollout.temperature=0`` is greedy decoding: argmax tokens (top-k 1), log-probs scored at temperature 1."""
+    if cfg.rollout.temperature != 0:
+        return cfg
+    return replace_cfg(cfg, rollout={"temperature": 1.0, "top_k": 1})
+
+
+class NonFiniteTraining(ValueError):
+    """Too many consecutive RL steps whose optimizer steps were all skipped for non-finite gradients."""
+
+
+def _check_skipped(run: Run, metrics: dict, step: int) -> None:
+    limit = run.ctx.cfg.training.max_skipped_steps
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if metrics.get("actor/skipped", 0) > 0 else 0
+    if limit and run.skipped_in_a_row >= limit:
+        raise NonFiniteTraining(
+            f"RL steps {step - limit + 1}..{step}: every optimizer step was skipped for non-finite gradients "
+            f"(training.max_skipped_steps={limit}); stopping without saving, the last checkpoint in "
+            f"{run.ctx.cfg.checkpoint.dir} is kept; lower optimizer.lr or check the data and rewards")
 
 
 def _extra(ctx: RLContext) -> dict:
     return {"reference": ctx.reference} if ctx.reference is not None else {}
 
 
-def resume(run: Run) -> None:
-    cfg, ctx = run.ctx.cfg, run.ctx
-    path = find_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
-    if path is None:
-        return
-    info = load_checkpoint(path, [ctx.policy], ctx.optimizer, ctx.scheduler, extra_modules=_extra(ctx))
-    if info["reader_state"] is not None:
-        run.reader.load_state_dict(info["reader_state"])
-    run.start_step = info["step"]
-    run.logger.info(f"resumed from {path} at RL step {run.start_step}")
-
-
 def save(run: Run, step: int) -> str:
     cfg, ctx = run.ctx.cfg, run.ctx
-    path = save_checkpoint(cfg.checkpoint.dir, step, [ctx.policy], ctx.optimizer, ctx.scheduler,
-                           reader_state=run.reader.state_dict(), config=to_dict(cfg),
-                           keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
-                           describe=lambda d: describe_checkpoint(d, cfg, ctx.policy))
+    with (run.handler.saving() if run.handler is not None else _nothing()):
+        path = save_checkpoint(cfg.checkpoint.dir, step, [ctx.policy], ctx.optimizer, ctx.scheduler,
+                               reader_state=run.reader.state_dict(), config=to_dict(cfg),
+                               keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
+                               describe=lambda d: describe_checkpoint(d, cfg, ctx.policy),
+                               progress={"warmup_sft_done": run.warmup_done})
+    run.dirty = False
     return str(path)
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 def describe_checkpoint(out_dir, cfg: Config, policy) -> None:
@@ -183,37 +214,93 @@ def _dp_mean(metrics: dict) -> dict:
     return {**metrics, **dict(zip(keys, (t / parallel_state.get_data_parallel_world_size()).tolist()))}
 
 
-def train_loop(run: Run) -> dict:
-    """Warm-start (fresh runs), then RL steps until ``training.rl_steps`` or a pre-emption signal."""
+def skip_totals(run: Run) -> dict:
+    """Samples skipped so far by reason, summed over data-parallel ranks (as ``data/skipped/<reason>``), and their
+    total ``data/skipped``; one collective."""
+    from megatron_papo.data.shards import KNOWN_SKIP_REASONS
+
+    stats = run.reader.stats
+    reasons = sorted(set(KNOWN_SKIP_REASONS) | set(stats))[:64]
+    t = torch.tensor([float(stats.get(r, 0)) for r in reasons], dtype=torch.float64)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+    out = {f"data/skipped/{r}": v for r, v in zip(reasons, t.tolist()) if v}
+    out["data/skipped"] = float(t.sum())
+    return out
+
+
+def _warm_start_phase(run: Run, reader_iter) -> None:
+    """The supervised warm-start steps not yet done; a signal stops it after the current step."""
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
-    reader_iter = iter(run.reader)
-    if run.start_step == 0 and cfg.training.warmup_sft_steps:
-        log.info(f"warm-start: {cfg.training.warmup_sft_steps} supervised steps on the data's worked answers "
-                 "(training.warmup_sft_steps), then RL")
-        warm_start(ctx, reader_iter, cfg.training.warmup_sft_steps, log)
-        if ctx.reference is not None:
-            ctx.reference.load_state_dict(ctx.policy.module.state_dict())
-    handler = PreemptionHandler().install()
+    total = cfg.training.warmup_sft_steps
+    if run.start_step > 0 or run.warmup_done >= total:
+        return
+    log.info(f"warm-start: {total} supervised steps on the data's worked answers (training.warmup_sft_steps)"
+             + (f", resuming after {run.warmup_done}" if run.warmup_done else "") + ", then RL")
+
+    def after_step(done: int) -> None:
+        run.warmup_done, run.dirty = done, True
+        run.handler.check()
+
+    warm_start(ctx, reader_iter, total, log, start=run.warmup_done, after_step=after_step)
+    if ctx.reference is not None:
+        ctx.reference.load_state_dict(ctx.policy.module.state_dict())
+
+
+def _abandon_step(run: Run, snapshot) -> None:
+    """Undo what an interrupted RL step consumed (reader position, RNG draws); no weight has changed."""
+    from megatron_papo.platform import set_rng_state
+
+    run.reader.load_state_dict(snapshot[0])
+    set_rng_state(snapshot[1])
+
+
+def _rl_phase(run: Run, reader_iter, result: dict) -> None:
+    from megatron_papo.platform import rng_state
+    from megatron_papo.rewards.budget import timed_out_total
+
+    ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
     validator = Validator.build(cfg)                            # None unless training.eval_interval > 0
-    rewards, last_saved, step = [], None, run.start_step
-    try:
-        for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
+    for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
+        snapshot, timed_out = (run.reader.state_dict(), rng_state()), timed_out_total()
+        try:
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
-            rewards.append(metrics["reward/mean"])
-            log.log_step(step, cfg.training.rl_steps, metrics)
-            if validator is not None:
-                validator.maybe_run(ctx, step, log)
-            stop = handler.should_stop()
-            if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
-                last_saved = save(run, step)
-            if stop:
-                log.info(f"signal {handler.received or 'on another rank'} received: saved {last_saved}, exiting")
-                break
-    finally:
-        handler.uninstall()
-    if step > run.start_step and last_saved != str(checkpoint_path(cfg.checkpoint.dir, step)):
-        last_saved = save(run, step)
-    return {"rewards": rewards, "checkpoint": last_saved, "steps": step}
+        except Preempted:
+            _abandon_step(run, snapshot)
+            raise
+        metrics.update(skip_totals(run))
+        metrics["rewards/timed_out"] = float(timed_out_total() - timed_out)   # this rank's, in this step
+        result["rewards"].append(metrics["reward/mean"])
+        result["skipped"] = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
+        result["steps"], run.dirty = step, True
+        log.log_step(step, cfg.training.rl_steps, metrics)
+        if validator is not None:
+            validator.maybe_run(ctx, step, log)
+        _check_skipped(run, metrics, step)
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            result["checkpoint"] = save(run, step)
+        run.handler.check()
+
+
+def train_loop(run: Run) -> dict:
+    """Warm-start (what is left of it), then RL steps until ``training.rl_steps`` or a signal; every change of
+    weights is saved before returning (``result["signal"]``: the signal that stopped the run, 0: none)."""
+    cfg, log = run.ctx.cfg, run.logger
+    run.handler = run.handler or PreemptionHandler()
+    result = {"rewards": [], "checkpoint": None, "steps": run.start_step, "signal": 0}
+    try:
+        run.handler.check()                                    # a signal while the run was being built
+        reader_iter = iter(run.reader)
+        _warm_start_phase(run, reader_iter)
+        _rl_phase(run, reader_iter, result)
+    except Preempted as p:
+        result["signal"] = p.signum
+    if run.dirty:
+        result["checkpoint"] = save(run, result["steps"])
+    if result["signal"]:
+        log.info(f"{signal_name(result['signal'])} received: saved {result['checkpoint'] or 'nothing (no new '}"
+                 f"{'' if result['checkpoint'] else 'progress since the last checkpoint)'}; exiting")
+    return result
 
 
 def summarize(run: Run, result: dict) -> Optional[str]:
@@ -225,7 +312,11 @@ def summarize(run: Run, result: dict) -> Optional[str]:
     k = max(1, min(3, len(r) // 3))
     start, end = sum(r[:k]) / k, sum(r[-k:]) / k
     cfg = run.ctx.cfg
-    run.logger.info(f"tensorboard logs: {cfg.logging.tensorboard_dir}")
+    skipped = {k.rsplit("/", 1)[-1]: int(v) for k, v in result.get("skipped", {}).items() if k.count("/") == 2}
+    if skipped:
+        run.logger.info("skipped samples: " + ", ".join(f"{k}={n}" for k, n in sorted(skipped.items()))
+                        + " (tools/inspect_shards.py names them)")
+    run.logger.info(f"tensorboard logs: {run.logger.run_dir}")
     run.logger.info(f"checkpoint: {result['checkpoint']}")
     line = f"mean reward {start:.3f} -> {end:.3f}"
     run.logger.info(line)
@@ -233,7 +324,27 @@ def summarize(run: Run, result: dict) -> Optional[str]:
 
 
 def run_training(cfg: Config) -> dict:
-    run = build_run(cfg)
+    """Build, resume, train, summarise; signals are handled from the start to the end (see preemption.py)."""
+    from megatron_papo.platform.children import child_hygiene
+
+    handler = PreemptionHandler()
+    with handler, child_hygiene():
+        set_current(handler)
+        try:
+            run = build_run(cfg)
+            run.handler = handler
+            _announce(run)
+            resume(run)
+            result = train_loop(run)
+        finally:
+            set_current(None)
+        result["summary"] = summarize(run, result)
+        run.logger.close()
+    return result
+
+
+def _announce(run: Run) -> None:
+    cfg = run.ctx.cfg
     if run.logger.active:
         plan = view_plan(cfg.algorithm)
         print(f"algorithm {cfg.algorithm.preset}: gamma={cfg.algorithm.gamma} beta={cfg.algorithm.beta} "
@@ -244,11 +355,6 @@ def run_training(cfg: Config) -> dict:
         if cfg.optimizer.use_distributed_optimizer and not distributed_optimizer_enabled(cfg.optimizer):
             print("optimizer: megatron's plain optimizer (optimizer.use_distributed_optimizer needs a GPU; "
                   "optimizer state is replicated across data-parallel ranks here)", flush=True)
-    resume(run)
-    result = train_loop(run)
-    result["summary"] = summarize(run, result)
-    run.logger.close()
-    return result
 
 
 def replace_cfg(cfg: Config, **sections) -> Config:
