@@ -26,7 +26,7 @@ def _train(root: str, validate: bool) -> dict:
     run.logger.close()
     import glob
 
-    events = b"".join(open(f, "rb").read() for f in glob.glob(f"{tb}/events.out.tfevents.*"))
+    events = b"".join(open(f, "rb").read() for f in glob.glob(f"{tb}/**/events.out.tfevents.*", recursive=True))
     return {"rewards": out["rewards"], "tags": [t for t in ("val/avg@k", "val/reliance_masked", "val/kl_exact")
                                                 if t.encode() in events]}
 
