@@ -100,6 +100,7 @@ class Run:
     reader: object
     logger: RunLogger
     start_step: int = 0
+    resumed: bool = False         # restored from checkpoint.resume (a step_0 checkpoint too: no second warm-start)
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -141,7 +142,7 @@ def resume(run: Run) -> None:
     info = load_checkpoint(path, [ctx.policy], ctx.optimizer, ctx.scheduler, extra_modules=_extra(ctx))
     if info["reader_state"] is not None:
         run.reader.load_state_dict(info["reader_state"])
-    run.start_step = info["step"]
+    run.start_step, run.resumed = info["step"], True
     run.logger.info(f"resumed from {path} at RL step {run.start_step}")
 
 
@@ -178,10 +179,14 @@ def _dp_mean(metrics: dict) -> dict:
 
 
 def train_loop(run: Run) -> dict:
-    """Warm-start (fresh runs), then RL steps until ``training.rl_steps`` or a pre-emption signal."""
+    """Warm-start (fresh runs), then RL steps until ``training.rl_steps`` or a pre-emption signal.
+
+    A warm-start with ``training.rl_steps=0`` saves ``step_0``: the shared starting point that other runs load with
+    ``model.load`` (weights only: their step counter, optimizer and data position start afresh)."""
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
     reader_iter = iter(run.reader)
-    if run.start_step == 0 and cfg.training.warmup_sft_steps:
+    warmed = not run.resumed and cfg.training.warmup_sft_steps > 0
+    if warmed:
         log.info(f"warm-start: {cfg.training.warmup_sft_steps} supervised steps on the data's worked answers "
                  "(training.warmup_sft_steps), then RL")
         warm_start(ctx, reader_iter, cfg.training.warmup_sft_steps, log)
@@ -202,7 +207,7 @@ def train_loop(run: Run) -> dict:
                 break
     finally:
         handler.uninstall()
-    if step > run.start_step and last_saved != str(checkpoint_path(cfg.checkpoint.dir, step)):
+    if (step > run.start_step or warmed) and last_saved != str(checkpoint_path(cfg.checkpoint.dir, step)):
         last_saved = save(run, step)
     return {"rewards": rewards, "checkpoint": last_saved, "steps": step}
 
