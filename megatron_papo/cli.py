@@ -1,4 +1,4 @@
-"""``megatron-papo``: train, generate, evaluate (the public command line of shared/DESIGN.md)."""
+"""``megatron-papo``: train, generate, evaluate, compare (the public command line of shared/DESIGN.md)."""
 
 from __future__ import annotations
 
@@ -30,14 +30,45 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
 
-    e = sub.add_parser("evaluate", help="avg@k accuracy per data set")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    e = sub.add_parser("evaluate", help="avg@k, pass@k and perception metrics per data set",
+                       description="Answer every question of the shards k times and grade the answers; per data "
+                       "set avg@k, pass@k, format and truncation rates, response length; with --perception also "
+                       "the accuracy with the image masked (PAPO's random patches) and blanked, the image reliance "
+                       "and the real-vs-masked KL. Runs at any TP x PP x DP under torchrun / srun.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory (training step_N, its checkpoint.dir, "
+                   "or an hf-to-mcore output)")
     e.add_argument("--data", required=True, help="evaluation shards: directory, glob or brace pattern")
-    e.add_argument("--k", type=int, default=8, help="samples per question (avg@k)")
-    e.add_argument("--out", help="write the results as JSON here")
-    e.add_argument("--max-new-tokens", type=int, default=512)
-    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--k", type=int, help="answers sampled per question (avg@k, pass@k); default 8")
+    e.add_argument("--out", help="write the results (settings, metrics, per-question records) as JSON here")
+    e.add_argument("--perception", action="store_true",
+                   help="also answer with the masked and the blank image; image reliance and real-vs-masked KL")
+    e.add_argument("--protocol", choices=["papo-eval"], help="the published PAPO evaluation: avg@8, temperature "
+                   "1.0, top-p 1.0, top-k 50, 2048 new tokens, images scaled into 1,024..589,824 pixels")
+    e.add_argument("--seed", type=int, help="sampling and mask seed (streams keyed by question index); default 0")
+    e.add_argument("--max-new-tokens", type=int, help="longest answer in tokens; default 512")
+    e.add_argument("--temperature", type=float, help="sampling temperature; default 1.0")
+    e.add_argument("--top-p", type=float, help="nucleus sampling threshold; default 1.0 (off)")
+    e.add_argument("--top-k", type=int, help="top-k sampling; default 0 (off)")
+    e.add_argument("--mask-ratio", type=float, help="--perception: share of 14-px cells blackened; default 0.6")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all)")
+    e.add_argument("--batch-size", type=int, help="questions per generation batch and rank (speed only); default 16")
+    e.add_argument("--tp", type=int, help="tensor-parallel size; default: the world size / --pp (one model on "
+                   "all ranks); a smaller --tp leaves world / (tp x pp) data-parallel ranks sharing the questions")
+    e.add_argument("--pp", type=int, help="pipeline-parallel size; default 1")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    c = sub.add_parser("compare", help="paired comparison of evaluate results (each against the first)",
+                       description="Pair evaluate --out results question by question (same questions and "
+                       "settings required) and report per data set and overall the difference in avg@k and in "
+                       "image reliance with a paired bootstrap 95%% interval, the exact sign test on per-question "
+                       "correct fractions (McNemar when k=1) and McNemar on majority-correct, Benjamini-Hochberg "
+                       "adjusted across data sets.")
+    c.add_argument("runs", nargs="+", metavar="RUN.json", help="results of megatron-papo evaluate --out; the first "
+                   "is the baseline A")
+    c.add_argument("--out", help="write the comparison as JSON here")
+    c.add_argument("--plot", metavar="FILE.png", help="chart of the differences with their intervals (matplotlib)")
+    c.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     return p
 
 
@@ -61,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
 
             return generate_command(args) or 0
         if args.command == "evaluate":
-            from megatron_papo.training.evaluate import evaluate_command
+            from megatron_papo.evaluation.command import evaluate_command
 
             return evaluate_command(args) or 0
+        if args.command == "compare":
+            from megatron_papo.evaluation.command import compare_command
+
+            return compare_command(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"megatron-papo {args.command}: error: {e}", file=sys.stderr)
         return 2

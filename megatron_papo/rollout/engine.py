@@ -88,7 +88,10 @@ class MegatronEngine:
 
     # --- public -------------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence, n: int, params: SamplingParams, seed: int) -> RolloutOutput:
+    def generate(self, prompts: Sequence, n: int, params: SamplingParams, seed: int,
+                 row_offset: int = 0) -> RolloutOutput:
+        """``row_offset``: the first row's id in the random streams (row i draws from ``row_offset + i``), so a
+        caller that splits a fixed list of prompts into batches (or over ranks) gets the same draws per prompt."""
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
@@ -104,7 +107,7 @@ class MegatronEngine:
                 ctx.share_prefix(L, n, batch.real[::n, :L], batch.real.shape[1] - L)
             else:
                 _expand_cache(ctx, torch.arange(len(prompts)).repeat_interleave(n))
-            tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed)
+            tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed, row_offset)
         return self._output(prompts, n, tokens, logprobs, lengths, reasons)
 
     # --- steps --------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ class MegatronEngine:
         ctx.enable_decode_mode()
         return torch.cat(chunks) if self.stages.last else None
 
-    def _decode(self, logits, batch: _Batch, ctx, params, seed):
+    def _decode(self, logits, batch: _Batch, ctx, params, seed, row_offset=0):
         N, L = batch.positions.shape[1], batch.ids.shape[1]
         T = batch.real.shape[1] - L
         tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
@@ -173,7 +176,7 @@ class MegatronEngine:
         rows = torch.arange(N)  # cache row r holds sample rows[r]
         positions, real = batch.positions, batch.real
         for t in range(T):
-            tok, lp = self._pick(logits, rows, t, params, seed)
+            tok, lp = self._pick(logits, rows + row_offset, t, params, seed)
             tokens[rows, t], logprobs[rows, t] = tok, lp
             running = reason[rows] == 0
             reason[rows] = self._finish(tok, rows, t, tokens, batch.limits, params, reason[rows])
