@@ -34,7 +34,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         # transformers is the independent reference of the model and the HF checkpoint format.
         "hf": ["transformers>=5.0,<6"],
-        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.0,<6"],
+        # the chart of `megatron-papo compare --plot`
+        "plot": ["matplotlib"],
+        "test": ["pytest>=8", "pytest-timeout", "transformers>=5.0,<6", "matplotlib"],
     },
     entry_points={"console_scripts": ["megatron-papo=megatron_papo.cli:main"]},
 )

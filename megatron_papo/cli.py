@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="paired comparison of evaluate results (each against the first)",
                        description="Pair evaluate --out results question by question (same questions and "
                        "settings required) and report per data set and overall the difference in avg@k and in "
-                       "image reliance with a paired bootstrap 95%% interval, the exact sign test on per-question "
-                       "correct fractions (McNemar when k=1) and McNemar on majority-correct, Benjamini-Hochberg "
-                       "adjusted across data sets.")
+                       "image reliance with a paired bootstrap 95% interval, the exact sign test on per-question "
+                       "correct fractions (McNemar when k=1) and McNemar on majority-correct and any-correct, "
+                       "Benjamini-Hochberg adjusted across data sets. Prints a table; --out JSON, --plot PNG.")
     c.add_argument("runs", nargs="+", metavar="RUN.json", help="results of megatron-papo evaluate --out; the first "
                    "is the baseline A")
     c.add_argument("--out", help="write the comparison as JSON here")

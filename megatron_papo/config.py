@@ -78,6 +78,8 @@ class DataConfig:
     min_pixels: int = 256 * 28 * 28
     # largest image area in pixels after resize
     max_pixels: int = 1280 * 28 * 28
+    # validation shards evaluated during training every training.eval_interval RL steps (null: none)
+    val_shards: Optional[str] = None
 
 
 @dataclass
@@ -190,6 +192,12 @@ class TrainingConfig:
     cpu_threads: int = 0
     # scoring pass runs each distinct prompt once and the rows' responses against it (PP=1, local spec; else plain)
     prefix_scoring: bool = True
+    # validate on data.val_shards every N RL steps: avg@k and image reliance to console and tensorboard (0: off)
+    eval_interval: int = 0
+    # validation questions: the first N good samples of data.val_shards (0: all)
+    eval_limit: int = 64
+    # answers sampled per validation question (avg@k)
+    eval_k: int = 2
 
 
 @dataclass
@@ -427,6 +435,18 @@ def validate(cfg: Config) -> None:
     if cfg.data.min_pixels > cfg.data.max_pixels:
         raise ConfigError(f"data.min_pixels ({cfg.data.min_pixels}) must not exceed data.max_pixels "
                           f"({cfg.data.max_pixels})")
+    _validate_eval(cfg.training, cfg.data)
+
+
+def _validate_eval(t: TrainingConfig, d: DataConfig) -> None:
+    for name in ("eval_interval", "eval_limit"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"training.{name} must be >= 0, got {getattr(t, name)}")
+    if t.eval_k < 1:
+        raise ConfigError(f"training.eval_k must be >= 1, got {t.eval_k}")
+    if t.eval_interval and not d.val_shards:
+        raise ConfigError("training.eval_interval > 0 needs data.val_shards (the validation shards); set it, or "
+                          "training.eval_interval=0")
 
 
 def describe_fields(cls=Config, prefix: str = "") -> list[tuple[str, str]]:

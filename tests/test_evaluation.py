@@ -1,7 +1,8 @@
 """Evaluation at any layout, and the perception KL against an independent reference.
 
 - DP=2 (two ranks, questions dealt over them, an uneven last round) gives the same per-question records as one
-  process, perception included (answers with the masked and the blank image, KL sums);
+  process batching the questions differently, perception included (answers with the masked and the blank
+  image, KL sums);
 - the per-token KL between the next-token distributions with the real and the masked image, computed on the
   vocabulary shards through megatron's schedule, equals a float64 computation on the gathered logits, at TP=1
   and TP=2 (exact KL and k3 on the sampled tokens).
@@ -34,11 +35,11 @@ def _setup(spm_path: str):
     return model, tok, Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=84 * 84), questions
 
 
-def _records(spm_path: str):
+def _records(spm_path: str, batch_size: int):
     from megatron_papo.evaluation import EvalSettings, evaluate
 
     model, tok, proc, questions = _setup(spm_path)
-    settings = EvalSettings(k=K, max_new_tokens=NEW, seed=11, perception=True, batch_size=2)
+    settings = EvalSettings(k=K, max_new_tokens=NEW, seed=11, perception=True, batch_size=batch_size)
     return evaluate(model, tok, proc, questions, settings, progress=False)
 
 
@@ -93,13 +94,13 @@ def _kl_check(spm_path: str):
 
 
 def _single(rank, world_size, spm_path):
-    return {"eval": _records(spm_path), "kl": _kl_check(spm_path)}
+    return {"eval": _records(spm_path, 3), "kl": _kl_check(spm_path)}
 
 
 def _two(rank, world_size, spm_path):
     from megatron_papo.platform import init_model_parallel
 
-    res = _records(spm_path)                                  # tp=1: DP=2
+    res = _records(spm_path, 2)                               # tp=1: DP=2, batches [0,1] [4] | [2,3]
     init_model_parallel(tp=2, pp=1, seed=1234)
     return {"eval": res, "kl": _kl_check(spm_path)}
 

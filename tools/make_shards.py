@@ -7,7 +7,24 @@ Each row needs a question (question / problem / prompt / query, or --question-fi
 images ("images": list or "image": one; a path relative to --image-root or to the input file's folder, bytes,
 base64 or a {"bytes", "path"} struct). A folder of images with a jsonl of questions is a jsonl whose image
 fields name the files. Rows that cannot be used are rejected with a count; shards are written under a temporary
-name and renamed when complete. Parquet input needs pyarrow.
+name and renamed when complete. Parquet input needs pyarrow. ShareGPT rows ("messages": a user turn with the
+question, an assistant turn with the answer) are read too.
+
+The published PAPO evaluation (the PAPO_eval data set on Hugging Face, one split per benchmark, parquet rows of
+ShareGPT "messages" + "images") becomes shards with one call per benchmark, naming the data set as the paper
+does so `megatron-papo evaluate --protocol papo-eval` prints the paper's table (General AVG, Vision AVG, Overall):
+
+  pairs=(hiyouga_geometry3k:Geo3K AI4Math_MathVista:MathVista We_Math:We-Math AI4Math_MathVerse:MathVerse
+         lscpku_LogicVista:LogicVista "BUAADreamer_clevr_count_70k:SuperClevr Counting" MMMU_MMMU_Pro:MMMU-Pro
+         AI4Math_MathVerse_vision_dependent:MathVerse_V)
+  for pair in "${pairs[@]}"; do
+    split=${pair%%:*}; name=${pair#*:}
+    make_shards.py PAPO_eval/data/${split}-*.parquet --dataset "$name" --out "data/papo_eval/${name// /_}"
+  done
+  # MMK12 (the validation set of the PAPO training data, PAPO_MMK12_test): --dataset MMK12
+  megatron-papo evaluate --checkpoint CKPT --data 'data/papo_eval/*' --protocol papo-eval --out eval.json
+
+(Split file names follow the Hugging Face parquet export; adjust the glob to the files you downloaded.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Raw data sets -> shard samples: jsonl / parquet rows with embedded or referenced images (``make_shards``).
 
-A row holds a question (``question`` or ``problem``...), an ``answer``, and images under ``images`` (a list) or
+A row holds a question (``question`` or ``problem``...), an ``answer`` (or ShareGPT ``messages``: the user turn is
+the question, the assistant turn the answer), and images under ``images`` (a list) or
 ``image`` (one). An image is a path (relative to ``image_root``, default the data file's folder), raw bytes, a
 base64 string (``data:image/...;base64,`` prefix optional) or a Hugging Face datasets image struct
 ``{"bytes": ..., "path": ...}``. Other fields are kept in the sample's ``extra``.
@@ -110,6 +111,7 @@ def row_to_sample(row: dict, key: str, opts: RowOptions) -> dict:
     """One input row -> a shard sample (images as validated bytes); raises :class:`RejectedRow`."""
     if "__bad_json__" in row:
         raise RejectedRow("bad_json", row["__bad_json__"])
+    row = _from_chat(row, opts)
     fields = (opts.question_field,) if opts.question_field else QUESTION_FIELDS
     qfield = next((f for f in fields if row.get(f) not in (None, "")), None)
     if qfield is None:
@@ -133,6 +135,22 @@ def row_to_sample(row: dict, key: str, opts: RowOptions) -> dict:
             "dataset": opts.dataset or row.get("dataset") or "", "reward": row.get("reward") or opts.reward,
             "images": images, "image_exts": exts,
             "extra": {k: v for k, v in row.items() if k not in used and _jsonable(v)}}
+
+
+def _from_chat(row: dict, opts: RowOptions) -> dict:
+    """ShareGPT rows (``messages``: a user turn holding the question, an assistant turn holding the answer), the
+    form of the PAPO evaluation files: the question and answer fields are taken from the turns."""
+    turns = row.get("messages")
+    fields = (opts.question_field,) if opts.question_field else QUESTION_FIELDS
+    if not isinstance(turns, list) or any(row.get(f) not in (None, "") for f in fields):
+        return row
+    said = lambda role: next((t.get("content") for t in turns if isinstance(t, dict)  # noqa: E731
+                              and t.get("role") == role), None)
+    out = {k: v for k, v in row.items() if k != "messages"}
+    out[fields[0]] = said("user")
+    if out.get(opts.answer_field) in (None, ""):
+        out[opts.answer_field] = said("assistant")
+    return out
 
 
 def _jsonable(value) -> bool:

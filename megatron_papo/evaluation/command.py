@@ -34,8 +34,8 @@ def evaluate_command(args) -> int:
     settings = settings_from_args(args)                      # bad flags fail before any process group starts
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all questions), got {args.limit}")
-    check_checkpoint(args.checkpoint)
     questions = load_questions(args.data, args.limit or 0)
+    check_checkpoint(args.checkpoint)
     tp, pp, dp = layout(launch_info().world_size, args.tp, args.pp)
     info = init_distributed()
     init_model_parallel(tp=tp, pp=pp, seed=settings.seed)

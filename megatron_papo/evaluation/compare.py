@@ -4,8 +4,9 @@ Runs pair only when they answered the same questions (same ids in the same data 
 and image settings (``evaluation.settings.PAIRING_KEYS``); the checkpoint, the sampling seed and the parallel
 layout may differ. Per data set and overall: the difference in avg@k (B - A) and, when both runs measured
 perception, in image reliance (avg@k - avg@k_masked), each with a paired bootstrap 95% interval over questions;
-the exact sign test on per-question correct fractions (McNemar's test when k = 1) and the exact McNemar test on
-majority-correct, both Benjamini-Hochberg adjusted across the data sets (see ``evaluation.stats``).
+the exact sign test on per-question correct fractions (McNemar's test when k = 1) and the exact McNemar tests on
+majority-correct (correct > k/2) and on any-correct (pass@k), Benjamini-Hochberg adjusted across the data sets
+(see ``evaluation.stats``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _scores(run: dict, ids: list) -> dict:
     by_id = {r["id"]: r for r in run["records"]}
     rs = [by_id[i] for i in ids]
     out = {"acc": np.array([r["correct"] / k for r in rs]),
-           "majority": np.array([2 * r["correct"] > k for r in rs])}
+           "majority": np.array([2 * r["correct"] > k for r in rs]), "any": np.array([r["correct"] > 0 for r in rs])}
     if "correct_masked" in rs[0]:
         out["reliance"] = out["acc"] - np.array([r["correct_masked"] / k for r in rs])
     return out
@@ -51,7 +52,7 @@ def _pair_stats(a: dict, b: dict, strata, resamples: int, seed: int) -> dict:
     d = b["acc"] - a["acc"]
     out = {"questions": len(d), "a": float(a["acc"].mean()), "b": float(b["acc"].mean()), "diff": float(d.mean()),
            "ci95": bootstrap_mean_diff(d, strata, resamples, seed), "sign_test": sign_test(a["acc"], b["acc"]),
-           "mcnemar_majority": mcnemar(a["majority"], b["majority"])}
+           "mcnemar_majority": mcnemar(a["majority"], b["majority"]), "mcnemar_any": mcnemar(a["any"], b["any"])}
     if "reliance" in a and "reliance" in b:
         r = b["reliance"] - a["reliance"]
         out["reliance"] = {"a": float(a["reliance"].mean()), "b": float(b["reliance"].mean()),
@@ -72,7 +73,7 @@ def compare_pair(a: dict, b: dict, resamples: int = 10_000, seed: int = 0) -> di
                              resamples, seed)
     out["overall"] = _pair_stats(sa, sb, dsets, resamples, seed)
     names = [d for d in out if d != "overall"]
-    for key in ("sign_test", "mcnemar_majority"):
+    for key in ("sign_test", "mcnemar_majority", "mcnemar_any"):
         for d, q in zip(names, benjamini_hochberg([out[d][key]["p"] for d in names])):
             out[d][key]["p_bh"] = q
     if all("reliance" in out[d] for d in names):
@@ -100,13 +101,13 @@ def format_comparison(result: dict) -> str:
         rel = "reliance" in c["datasets"]["overall"]
         width = max(len("dataset"), *(len(d) for d in c["datasets"]))
         head = f"{'dataset':<{width}}  {'n':>5}  {'acc A':>7}  {'acc B':>7}  {'diff':>8}  {'95% CI':>19}  " \
-               f"{'+/-':>9}  {'p':>7}  {'p_BH':>7}  {'p_McN':>7}"
+               f"{'+/-':>9}  {'p':>7}  {'p_BH':>7}  {'McN_maj':>7}  {'McN_any':>7}"
         lines.append(head + (f"  {'rel A':>7}  {'rel B':>7}  {'rel diff':>8}  {'95% CI':>19}" if rel else ""))
         for d, s in c["datasets"].items():
-            st, mc = s["sign_test"], s["mcnemar_majority"]
+            st, mc, ma = s["sign_test"], s["mcnemar_majority"], s["mcnemar_any"]
             row = (f"{d:<{width}}  {s['questions']:>5}  {s['a']:>7.4f}  {s['b']:>7.4f}  {s['diff']:>+8.4f}  "
                    f"{_ci(s['ci95']):>19}  {st['better']:>4}/{st['worse']:<4}  {st['p']:>7.3g}  "
-                   f"{_fmt(st.get('p_bh')):>7}  {mc['p']:>7.3g}")
+                   f"{_fmt(st.get('p_bh')):>7}  {mc['p']:>7.3g}  {ma['p']:>7.3g}")
             if rel:
                 r = s["reliance"]
                 row += f"  {r['a']:>+7.4f}  {r['b']:>+7.4f}  {r['diff']:>+8.4f}  {_ci(r['ci95']):>19}"

@@ -3,6 +3,8 @@ the baseline with its 95% bootstrap interval. matplotlib is optional (``pip inst
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def require_matplotlib() -> None:
     try:
@@ -18,6 +20,7 @@ def plot_comparison(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     comps = result["comparisons"]
     panels = [("diff", "accuracy difference (B - A)")]
@@ -33,13 +36,15 @@ def plot_comparison(result: dict, path: str) -> None:
             mid = [s["diff"] for s in stats]
             lo = [s["diff"] - s["ci95"][0] for s in stats]
             hi = [s["ci95"][1] - s["diff"] for s in stats]
-            ax.errorbar(mid, y, xerr=[lo, hi], fmt="o", capsize=3, label=f"{c['b']} vs {c['a']}")
+            ax.errorbar(mid, y, xerr=[lo, hi], fmt="o", capsize=3, label=f"{Path(c['b']).stem} vs {Path(c['a']).stem}")
         ax.axvline(0.0, color="grey", lw=0.8)
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("difference with 95% paired bootstrap interval")
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=min(len(labels), 3), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -7,7 +7,8 @@ fraction a_i = correct_i / k (its avg@k contribution), likewise b_i for run B:
   several are pooled, so each keeps its size);
 - the **sign test** counts questions with b_i > a_i against b_i < a_i (ties dropped) and gives the exact
   two-sided binomial p-value; with k = 1 it is exactly McNemar's exact test on per-question correctness;
-- **McNemar** (exact) is also reported on a binary per-question correctness: majority correct (correct > k/2);
+- **McNemar** (exact) is also reported on two binary per-question outcomes: majority correct (correct > k/2)
+  and any correct (the pass@k event);
 - p-values of several data sets are adjusted with Benjamini-Hochberg (false discovery rate).
 """
 

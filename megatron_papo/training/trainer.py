@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_papo.config import Config, to_dict
+from megatron_papo.evaluation.validation import Validator
 from megatron_papo.platform import init_distributed, init_model_parallel
 from megatron_papo.training.banned_tokens import ban_tokens, vision_token_ids
 from megatron_papo.training.checkpoint import (PreemptionHandler, checkpoint_path, find_resume, load_checkpoint,
@@ -193,12 +194,15 @@ def train_loop(run: Run) -> dict:
         if ctx.reference is not None:
             ctx.reference.load_state_dict(ctx.policy.module.state_dict())
     handler = PreemptionHandler().install()
+    validator = Validator.build(cfg)                            # None unless training.eval_interval > 0
     rewards, last_saved, step = [], None, run.start_step
     try:
         for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
             rewards.append(metrics["reward/mean"])
             log.log_step(step, cfg.training.rl_steps, metrics)
+            if validator is not None:
+                validator.maybe_run(ctx, step, log)
             stop = handler.should_stop()
             if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 last_saved = save(run, step)
