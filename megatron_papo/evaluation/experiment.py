@@ -83,7 +83,8 @@ def load_spec(path: str) -> ExperimentSpec:
         raise ConfigError(f"experiment config {path!r} must hold a mapping (out_dir, arms, seeds, ...)")
     unknown = sorted(set(raw) - _SPEC_KEYS)
     if unknown:
-        raise ConfigError(f"experiment config: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(_SPEC_KEYS))}")
+        raise ConfigError(f"experiment config: unknown key(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(_SPEC_KEYS))}")
     for key in ("out_dir", "arms", "seeds"):
         if key not in raw:
             raise ConfigError(f"experiment config: {key} is required")
@@ -138,7 +139,8 @@ def _data_sets(spec: ExperimentSpec, seed: int, run_dir: Path) -> list:
     out = Path(spec.out_dir)
     return [f"training.seed={seed}", f"data.train_shards={out / 'data' / 'train'}", "data.synthetic_if_missing=false",
             f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.resume=auto",
-            f"logging.tensorboard_dir={run_dir / 'tb'}", "logging.progress=false"]
+            f"logging.tensorboard_dir={run_dir / 'tb'}", "logging.progress=false",
+            "training.eval_interval=0"]          # evaluated by the experiment itself, on its held-out shards
 
 
 def warm_dir(spec: ExperimentSpec, seed: int) -> Path:

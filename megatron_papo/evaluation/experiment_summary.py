@@ -99,8 +99,8 @@ def collect(spec) -> dict:
         runs[arm] = {}
         for seed in spec.seeds:
             rd = run_dir(spec, arm, seed)
-            runs[arm][seed] = {"final": _overall(rd / "eval.json"), "warm": _overall(warm_dir(spec, seed) / "eval.json"),
-                               "curves": read_curves(rd / "tb")}
+            runs[arm][seed] = {"final": _overall(rd / "eval.json"), "curves": read_curves(rd / "tb"),
+                               "warm": _overall(warm_dir(spec, seed) / "eval.json")}
     return runs
 
 

@@ -36,6 +36,8 @@ def build_data(cfg: Config):
     if d.synthetic_if_missing:
         if not dist.is_initialized() or dist.get_rank() == 0:
             ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed)
+            if validates(cfg):                   # held out: another seed than the training questions
+                ensure_synthetic_shards(d.val_shards, cfg.training.eval_limit or 64, cfg.training.seed + 1)
         if dist.is_initialized():
             dist.barrier()
     resolve_shards(d.train_shards)
@@ -45,6 +47,11 @@ def build_data(cfg: Config):
                          parallel_state.get_data_parallel_world_size(), cfg.training.seed, d.shuffle_buffer,
                          d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length))
     return tokenizer, processor, reader
+
+
+def validates(cfg: Config) -> bool:
+    """In-training validation will run at least once (``training.eval_interval`` within ``training.rl_steps``)."""
+    return 0 < cfg.training.eval_interval <= cfg.training.rl_steps
 
 
 def model_spec(cfg: Config, tokenizer):
@@ -194,15 +201,15 @@ def train_loop(run: Run) -> dict:
         if ctx.reference is not None:
             ctx.reference.load_state_dict(ctx.policy.module.state_dict())
     handler = PreemptionHandler().install()
-    validator = Validator.build(cfg)                            # None unless training.eval_interval > 0
-    rewards, last_saved, step = [], None, run.start_step
+    validator = Validator.build(cfg) if validates(cfg) else None
+    rewards, last_saved, step, validated = [], None, run.start_step, None
     try:
         for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
             metrics = _dp_mean(rl_step(ctx, reader_iter, step))
             rewards.append(metrics["reward/mean"])
             log.log_step(step, cfg.training.rl_steps, metrics)
             if validator is not None:
-                validator.maybe_run(ctx, step, log)
+                validated = validator.maybe_run(ctx, step, log) or validated
             stop = handler.should_stop()
             if stop or (cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0):
                 last_saved = save(run, step)
@@ -213,11 +220,12 @@ def train_loop(run: Run) -> dict:
         handler.uninstall()
     if (step > run.start_step or warmed) and last_saved != str(checkpoint_path(cfg.checkpoint.dir, step)):
         last_saved = save(run, step)
-    return {"rewards": rewards, "checkpoint": last_saved, "steps": step}
+    return {"rewards": rewards, "checkpoint": last_saved, "steps": step, "validation": validated}
 
 
 def summarize(run: Run, result: dict) -> Optional[str]:
-    """The closing lines; the last one is ``mean reward <start> -> <end>`` (first and last steps, up to 3 each)."""
+    """The closing lines; the last one is ``mean reward <start> -> <end>`` (first and last steps, up to 3 each),
+    after the image reliance of the policy at the last validation (when validating)."""
     r = result["rewards"]
     if not r:
         run.logger.info("no RL steps were run (training.rl_steps already reached)")
@@ -227,6 +235,11 @@ def summarize(run: Run, result: dict) -> Optional[str]:
     cfg = run.ctx.cfg
     run.logger.info(f"tensorboard logs: {cfg.logging.tensorboard_dir}")
     run.logger.info(f"checkpoint: {result['checkpoint']}")
+    v = result.get("validation")
+    if v:
+        run.logger.info(f"image reliance of the policy at the last validation ({cfg.data.val_shards}): accuracy "
+                        f"real {v['val/avg@k']:.3f} / masked {v['val/avg@k_masked']:.3f} / black "
+                        f"{v['val/avg@k_blank']:.3f}")
     line = f"mean reward {start:.3f} -> {end:.3f}"
     run.logger.info(line)
     return line
