@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--config", required=True, help="experiment YAML (out_dir, seeds, arms, ...)")
     x.add_argument("--seeds", help="run only these seeds of the YAML (comma-separated), e.g. half of them per core; "
                    "the summary covers every seed whose arms are all finished")
+    x.add_argument("--summarize", action="store_true", help="run nothing: only write the summary of the finished seeds")
     return p
 
 

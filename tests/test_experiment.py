@@ -91,12 +91,16 @@ def test_summary_matches_hand_computation(experiment):
     spec, summary, _ = experiment
     from megatron_papo.evaluation.experiment import run_dir
 
-    acc = {arm: [json.loads((run_dir(spec, arm, s) / "eval.json").read_text())["datasets"]["overall"]["avg@k"]
-                 for s in (1, 2)] for arm in ("grpo", "papo_g")}
-    for arm, v in acc.items():
-        s = summary["per_arm"][arm]["accuracy"]
-        assert s["mean"] == pytest.approx((v[0] + v[1]) / 2)
-        assert s["std"] == pytest.approx(abs(v[0] - v[1]) / 2 ** 0.5)
+    def overall(arm, key):
+        return [json.loads((run_dir(spec, arm, s) / "eval.json").read_text())["datasets"]["overall"][key]
+                for s in (1, 2)]
+
+    acc = {arm: overall(arm, "avg@k") for arm in ("grpo", "papo_g")}
+    for arm in acc:
+        for metric, key in (("accuracy", "avg@k"), ("perception_kl", "kl_exact")):   # the KL is never exactly 0
+            v, s = overall(arm, key), summary["per_arm"][arm][metric]
+            assert s["mean"] == pytest.approx((v[0] + v[1]) / 2)
+            assert s["std"] == pytest.approx(abs(v[0] - v[1]) / 2 ** 0.5)
     d = [b - a for a, b in zip(acc["grpo"], acc["papo_g"])]
     pair = summary["pairs"][0]["accuracy"]
     assert pair["mean"] == pytest.approx(sum(d) / 2)
@@ -138,3 +142,35 @@ def test_bad_spec_is_one_line(tmp_path):
     path.write_text(yaml.safe_dump({"out_dir": "x", "seeds": [1], "arms": [{"name": "a", "set": ["training.nope=1"]}]}))
     with pytest.raises(ConfigError, match="nope"):
         load_spec(str(path))
+
+
+def test_summary_statistics_by_hand():
+    """3 arms x 3 seeds of made-up evaluation results, every statistic worked out by hand."""
+    from megatron_papo.evaluation.experiment import Arm, ExperimentSpec
+    from megatron_papo.evaluation.experiment_summary import format_markdown, summarize_runs
+
+    acc = {"grpo": [0.5, 0.6, 0.7], "papo_g": [0.55, 0.6, 0.8], "control": [0.52, 0.58, 0.71]}
+    final_reliance = [0.2, 0.29, 0.4]                            # warm-start reliance 0.3 for every seed
+
+    def run(arm, i):
+        m = {"accuracy": acc[arm][i], "accuracy_blank": 0.25, "reliance_blank": final_reliance[i],
+             "reliance_masked": 0.1, "perception_kl": 0.01 * (i + 1)}
+        warm = {"accuracy": 0.5, "accuracy_blank": 0.2, "reliance_blank": 0.3}
+        return {"final": m, "warm": warm, "curves": {"reward/mean": [0.1, 0.2], "actor/pg_clipfrac": [0.01, 0.03]}}
+
+    spec = ExperimentSpec(out_dir="unused", arms=[Arm(a) for a in acc], seeds=[1, 2, 3], control="control",
+                          baseline="grpo")
+    s = summarize_runs(spec, {a: {seed: run(a, i) for i, seed in enumerate(spec.seeds)} for a in acc})
+    g = s["per_arm"]["grpo"]
+    assert g["accuracy"]["mean"] == pytest.approx(0.6) and g["accuracy"]["std"] == pytest.approx(0.1)
+    assert g["accuracy"]["ci95"] == pytest.approx([0.6 - 4.302653 * 0.1 / 3 ** 0.5, 0.6 + 4.302653 * 0.1 / 3 ** 0.5])
+    assert g["forgetting_runs"] == 1 and g["clip_fraction"] == pytest.approx(0.02)   # reliance 0.3 -> 0.2 forgot
+    pair = next(p for p in s["pairs"] if (p["a"], p["b"]) == ("grpo", "papo_g"))["accuracy"]
+    assert pair["diffs"] == pytest.approx([0.05, 0.0, 0.1]) and pair["mean"] == pytest.approx(0.05)
+    assert pair["b_better"] == 2
+    # resampled means of {0.05, 0, 0.1}: P(all three 0) = P(all three 0.1) = 1/27 > 2.5%
+    assert pair["ci95"] == pytest.approx([0.0, 0.1])
+    assert pair["detectable_80"] == pytest.approx((4.302653 + 1.060660) * 0.05 / 3 ** 0.5, rel=1e-5)
+    assert s["control_drift"]["accuracy"] == pytest.approx((0.02 + 0.02 + 0.01) / 3)
+    assert pair["beyond_drift"] is False                      # its interval reaches 0
+    assert "| papo_g - grpo | accuracy | +0.0500 | [+0.0000, +0.1000] | 2/3 |" in format_markdown(s)

@@ -262,7 +262,7 @@ def run_experiment(spec: ExperimentSpec, launch: Launcher = subprocess_launcher,
 
 def experiment_command(args) -> int:
     spec = load_spec(args.config)
-    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    seeds = [] if args.summarize else [int(x) for x in args.seeds.split(",")] if args.seeds else None
     try:
         summary = run_experiment(spec, seeds=seeds)
     except RuntimeError as e:
