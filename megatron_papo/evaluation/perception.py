@@ -75,14 +75,14 @@ def perception_kl(model, rows: Rows, masked: list, pad_id: int, image_token_id: 
         return torch.zeros((), device=logits.device), {"sums": sums}
 
     out = run_schedule(model, [pair(r, m) for r, m in zip(real_mbs, mask_mbs)], loss_fn, forward_only=True)
-    sums = torch.cat([o["sums"].detach().cpu() for o in out])[:n] if out else torch.zeros(n, 3, dtype=torch.float64)
-    return _from_last_stage(sums)
+    sums = torch.cat([o["sums"].detach() for o in out])[:n] if out else torch.zeros(n, 3, dtype=torch.float64)
+    return _from_last_stage(sums, next(model.parameters()).device).cpu()
 
 
-def _from_last_stage(t: torch.Tensor) -> torch.Tensor:
+def _from_last_stage(t: torch.Tensor, dev) -> torch.Tensor:
     if not dist.is_initialized() or parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return t
-    t = t.contiguous()
+    t = t.to(dev).contiguous()                                   # collectives on the backend's device
     dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
     return t

@@ -48,13 +48,13 @@ def evaluate(model, tokenizer, processor, questions: list, settings, *, progress
     engine = MegatronEngine(model, max_seq_len=max_prompt_length + settings.max_new_tokens, tokenizer=tokenizer)
     rounds = my_chunks(len(questions), settings.batch_size, dp_rank, dp_size)
     bar = _bar(len(questions), progress)
-    t0, records = time.perf_counter(), []
+    t0, records, dev = time.perf_counter(), [], next(model.parameters()).device
     with eval_mode(unwrap(model)):
         for chunk in rounds:
             batch = [questions[i] for i in chunk]
             if batch:
                 records += _answer_batch(engine, model, tokenizer, processor, batch, settings)
-            done = torch.tensor([len(batch)])
+            done = torch.tensor([len(batch)], device=dev)        # collectives on the backend's device
             if dp_size > 1:
                 dist.all_reduce(done, group=dp_group)
             if bar is not None:
