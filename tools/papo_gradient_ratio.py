@@ -12,8 +12,11 @@ token's log-prob at the rollout weights (ratio r = 1):
   ``d = mask_logp - logp`` (it raises a token's log-prob where the real image makes the token likelier than the
   masked one, d < 0, and lowers it where the masked image does; bounded by gamma on the raising side);
 - reference KL ``beta * k3(logp, ref_logp)``.
-The table gives mean |derivative|, the share of tokens where the perception term pushes up, and the ratio of the
-perception term's mean |derivative| to the policy gradient's. Single process, CPU.
+The table gives mean |derivative|, the share of tokens where the perception term pushes up, and, because per-token
+pushes that agree in sign add up where the advantages' signs cancel, the norm of each term's gradient over the
+model's parameters (one backward pass per term through megatron's schedule on the same rows, both as token
+means). The last line is the ratio of the perception term's parameter-gradient norm to the policy gradient's.
+Single process, CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +33,30 @@ def _table(rows: list) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _grad_norm(ctx, rows, tokens: dict, term) -> float:
+    """Norm over the parameters of d(token-mean of ``term``)/d(theta) on ``rows``."""
+    import torch
+
+    from megatron_papo.training.optimizer import zero_grads
+    from megatron_papo.training.sequences import pack, response_stats, run_schedule, seq_len
+
+    cfg = ctx.cfg
+    mbs = pack(rows, cfg.training.micro_batch_size, ctx.tokenizer.pad_id, seq_len(rows), tokens,
+               image_token_id=ctx.tokenizer.image_token_id)
+    total = float(rows.response_mask.sum())
+
+    def loss_fn(logits, mb):
+        logp, _ = response_stats(logits, mb, cfg.rollout.temperature)
+        loss = torch.where(mb.resp_mask, term(logp, mb.tokens), torch.zeros_like(logp)).sum() / total
+        return loss * len(mbs), {}                     # megatron's schedule divides by the micro-batch count
+
+    zero_grads(ctx.optimizer, [ctx.policy])
+    run_schedule(ctx.policy, mbs, loss_fn, forward_only=False)
+    sq = sum(float(p.main_grad.double().pow(2).sum()) for p in ctx.policy.parameters() if p.requires_grad)
+    zero_grads(ctx.optimizer, [ctx.policy])
+    return sq ** 0.5
+
+
 def measure(cfg, steps: int) -> dict:
     import torch
 
@@ -39,7 +66,10 @@ def measure(cfg, steps: int) -> dict:
 
     run = build_run(cfg)
     ctx, it = run.ctx, iter(run.reader)
-    pg, prcp, ref, up, tokens = 0.0, 0.0, 0.0, 0.0, 0.0
+    from megatron_papo.algorithms.kl import k3_kl
+
+    pg, prcp, ref, up, tokens, norms = 0.0, 0.0, 0.0, 0.0, 0.0, []
+    gamma = cfg.algorithm.gamma
     for step in range(1, steps + 1):
         roll, _ = collect(ctx, it, step)
         adv = get_advantage_estimator(cfg.algorithm.advantage)(roll.rewards, group_ids_for(len(roll.samples),
@@ -56,8 +86,13 @@ def measure(cfg, steps: int) -> dict:
             dr = (t["ref_logp"] - t["old_logp"]).clamp(-20, 20)
             ref += float((cfg.algorithm.beta * (1 - torch.exp(dr))).abs().mul(m).sum())
         tokens += float(m.sum())
+        tok = {"advantages": a, "mask_logp": t["mask_logp"], "old_logp": t["old_logp"]}
+        pg_term = lambda lp, tt: -tt["advantages"] * torch.exp(lp - tt["old_logp"])  # noqa: E731  PPO at r = 1
+        prcp_term = lambda lp, tt: -gamma * k3_kl(lp, tt["mask_logp"])              # noqa: E731
+        norms.append((_grad_norm(ctx, roll.rows, tok, pg_term), _grad_norm(ctx, roll.rows, tok, prcp_term)))
     return {"tokens": tokens, "pg": pg / tokens, "perception": prcp / tokens, "reference": ref / tokens,
-            "up_share": up / tokens}
+            "up_share": up / tokens, "pg_norm": sum(n[0] for n in norms) / len(norms),
+            "perception_norm": sum(n[1] for n in norms) / len(norms)}
 
 
 def main(argv=None) -> int:
@@ -80,8 +115,11 @@ def main(argv=None) -> int:
                   ("mean |dL/dlogp| policy gradient", f"{r['pg']:.4g}"),
                   ("mean |dL/dlogp| perception term", f"{r['perception']:.4g}"),
                   ("mean |dL/dlogp| reference KL", f"{r['reference']:.4g}"),
-                  ("share of tokens the perception term pushes up", f"{r['up_share']:.3f}")]))
-    print(f"ratio={r['perception'] / max(r['pg'], 1e-12):.4f}")
+                  ("share of tokens the perception term pushes up", f"{r['up_share']:.3f}"),
+                  ("per-token ratio perception / policy gradient", f"{r['perception'] / max(r['pg'], 1e-12):.4f}"),
+                  ("parameter-gradient norm, policy gradient", f"{r['pg_norm']:.4g}"),
+                  ("parameter-gradient norm, perception term", f"{r['perception_norm']:.4g}")]))
+    print(f"ratio={r['perception_norm'] / max(r['pg_norm'], 1e-12):.4f}")
     return 0
 
 
