@@ -1,5 +1,6 @@
-"""The experiment's chart: reward curves per arm (mean over seeds, band min..max), final held-out accuracy and
-blank-image reliance per arm (mean, 95% t interval over seeds, one dot per seed). Needs matplotlib."""
+"""The experiment's chart: reward curves per arm (5-step moving average; mean over seeds, band min..max), final
+held-out accuracy and blank-image reliance per arm (mean, 95% t interval over seeds, one dot per seed).
+Needs matplotlib."""
 
 from __future__ import annotations
 
@@ -8,10 +9,17 @@ from pathlib import Path
 import numpy as np
 
 
+SMOOTH = 5
+
+
 def _curves(summary: dict, arm: str, tag: str) -> np.ndarray:
+    """[seeds, steps - SMOOTH + 1] moving averages of ``tag`` (all seeds cut to the shortest run)."""
     runs = [r["curves"].get(tag, []) for r in summary["runs"][arm].values()]
     steps = min((len(c) for c in runs), default=0)
-    return np.array([c[:steps] for c in runs], dtype=float)        # [seeds, steps]
+    if steps < SMOOTH:
+        return np.zeros((0, 0))
+    kernel = np.ones(SMOOTH) / SMOOTH
+    return np.array([np.convolve(c[:steps], kernel, mode="valid") for c in runs], dtype=float)
 
 
 def plot_experiment(summary: dict, path: Path) -> None:
@@ -27,10 +35,11 @@ def plot_experiment(summary: dict, path: Path) -> None:
     for i, arm in enumerate(arms):
         c = _curves(summary, arm, "reward/mean")
         if c.size:
-            x = np.arange(1, c.shape[1] + 1)
+            x = np.arange(SMOOTH, SMOOTH + c.shape[1])
             axes[0].plot(x, c.mean(0), label=arm, color=f"C{i}")
             axes[0].fill_between(x, c.min(0), c.max(0), color=f"C{i}", alpha=0.2)
-    axes[0].set(title="RL reward (mean, band: min..max over seeds)", xlabel="RL step", ylabel="mean reward")
+    axes[0].set(title=f"RL reward ({SMOOTH}-step mean; band: seeds' min..max)", xlabel="RL step",
+                ylabel="mean reward")
     axes[0].legend(fontsize=8)
     for ax, metric, title in ((axes[1], "accuracy", "held-out accuracy"),
                               (axes[2], "reliance_blank", "image reliance (real - black)")):

@@ -7,7 +7,8 @@ Statistics (the seed is the paired unit: arms of a seed share the warm-start, th
   resampled with replacement, seeded), the count of seeds with B > A, and the smallest true difference the seeds
   would detect with 80% power at two-sided 5% (paired t: (t_.975 + t_.80) * sd(d) / sqrt(n));
 - control drift: mean |control_s - baseline_s|, how far two arms that should behave alike land apart; a
-  difference is ``beyond drift`` when its interval excludes 0 and its size exceeds that drift;
+  difference is ``beyond drift`` when its interval excludes 0 and its size exceeds that drift (no verdict with
+  fewer than 3 seeds: the bootstrap interval of 1-2 seeds is only their range);
 - forgetting: a run whose blank-image reliance falls by more than ``forget_threshold`` during RL (final against
   its warm-start) forgot the image.
 """
@@ -25,6 +26,7 @@ import numpy as np
 METRICS = {"accuracy": "avg@k", "reliance_blank": "reliance_blank", "reliance_masked": "reliance_masked",
            "accuracy_blank": "avg@k_blank", "perception_kl": "kl_exact"}
 PAIRED = ("accuracy", "reliance_blank", "perception_kl")       # the metrics compared between arms
+MIN_SEEDS_FOR_VERDICT = 3
 CURVES = ("reward/mean", "actor/pg_clipfrac", "actor/perception_kl", "actor/ref_kl")
 
 
@@ -127,7 +129,8 @@ def summarize_runs(spec, runs: dict) -> dict:
     for p in pairs:
         for m in PAIRED:
             lo, hi = p[m]["ci95"]
-            p[m]["beyond_drift"] = None if drift is None else bool((lo > 0 or hi < 0) and abs(p[m]["mean"]) > drift[m])
+            verdict = drift is not None and len(seeds) >= MIN_SEEDS_FOR_VERDICT
+            p[m]["beyond_drift"] = bool((lo > 0 or hi < 0) and abs(p[m]["mean"]) > drift[m]) if verdict else None
     return {"seeds": seeds, "arms": arms, "control": spec.control, "baseline": spec.baseline or arms[0],
             "warm_start": warm, "per_arm": per_arm, "pairs": pairs, "control_drift": drift,
             "runs": {arm: {str(s): runs[arm][s] for s in seeds} for arm in arms}}
