@@ -38,7 +38,7 @@ def plot_experiment(summary: dict, path: Path) -> None:
             x = np.arange(SMOOTH, SMOOTH + c.shape[1])
             axes[0].plot(x, c.mean(0), label=arm, color=f"C{i}")
             axes[0].fill_between(x, c.min(0), c.max(0), color=f"C{i}", alpha=0.2)
-    axes[0].set(title=f"RL reward ({SMOOTH}-step mean; band: seeds' min..max)", xlabel="RL step",
+    axes[0].set(title=f"RL reward ({SMOOTH}-step mean)\n(band: min..max over seeds)", xlabel="RL step",
                 ylabel="mean reward")
     axes[0].legend(fontsize=8)
     for ax, metric, title in ((axes[1], "accuracy", "held-out accuracy"),
