@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", metavar="FILE.png", help="chart of the differences with their intervals (matplotlib)")
     c.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    x = sub.add_parser("experiment", help="arms x seeds of RL runs, evaluated with perception metrics, summarised",
+                       description="Run every arm of an experiment YAML for every seed (a shared warm-start per "
+                       "seed, the same data and budget), evaluate each final checkpoint with --perception on held-out "
+                       "shards and write summary.json, summary.md and summary.png into its out_dir. Rerunning skips "
+                       "finished runs and resumes interrupted ones. Example: examples/experiments/papo_vs_grpo_cpu.yaml")
+    x.add_argument("--config", required=True, help="experiment YAML (out_dir, seeds, arms, ...)")
+    x.add_argument("--seeds", help="run only these seeds of the YAML (comma-separated), e.g. half of them per core; "
+                   "the summary covers every seed whose arms are all finished")
+    x.add_argument("--summarize", action="store_true", help="run nothing: only write the summary of the finished seeds")
     return p
 
 
@@ -100,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_papo.evaluation.command import compare_command
 
             return compare_command(args) or 0
+        if args.command == "experiment":
+            from megatron_papo.evaluation.experiment import experiment_command
+
+            return experiment_command(args) or 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"megatron-papo {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-# fewer RL steps than the full demo (its defaults otherwise: same model, data, warm-start and batch)
-SHORT = ["training.rl_steps=30"]
+# fewer RL steps than the full demo (its defaults otherwise: same model, data, warm-start and batch); the final
+# validation moves with the last step
+SHORT = ["training.rl_steps=30", "training.eval_interval=30"]
 
 
 def _cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -40,6 +41,10 @@ def test_demo_reward_rises_and_writes_logs_and_checkpoint(demo):
     assert any("warm-start" in line for line in lines), "the run must announce its supervised warm-start"
     m = re.fullmatch(r"mean reward (\d+\.\d+) -> (\d+\.\d+)", lines[-1])
     assert m, lines[-1]
+    reliance = re.search(r"image reliance .*: accuracy real (\d\.\d+) / masked (\d\.\d+) / black (\d\.\d+)$",
+                         lines[-2])
+    assert reliance, lines[-2]                         # the final policy's accuracy with real / masked / black image
+    assert (cwd / "runs/demo/data/heldout").is_dir()   # held-out questions: another synthetic seed
     start, end = float(m.group(1)), float(m.group(2))
     assert end > start, (start, end)
     assert list((cwd / "runs/demo/tensorboard").glob("run-*/events.out.tfevents.*"))

@@ -32,7 +32,7 @@ def _cfg(root: str, *sets: str):
     return load_config(None, [
         f"data.train_shards={root}/data", "data.synthetic_samples=24", "data.shuffle_buffer=0", "rollout.n=4",
         "rollout.max_new_tokens=6", "training.prompts_per_step=2", "training.prompts_per_update=2",
-        "training.micro_batch_size=4", "training.warmup_sft_steps=0", "optimizer.lr=1e-3",
+        "training.micro_batch_size=4", "training.warmup_sft_steps=0", "optimizer.lr=1e-3", "training.eval_interval=0",
         f"checkpoint.dir={root}/ckpt", "logging.tensorboard_dir=null", "logging.progress=false", *sets],
         base=default_config_tree())
 

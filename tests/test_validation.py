@@ -47,6 +47,6 @@ def test_eval_interval_needs_val_shards():
     from megatron_papo.training.entry import default_config_tree
 
     with pytest.raises(ConfigError, match="training.eval_interval > 0 needs data.val_shards"):
-        load_config(None, ["training.eval_interval=5"], base=default_config_tree())
+        load_config(None, ["training.eval_interval=5", "data.val_shards=null"], base=default_config_tree())
     with pytest.raises(ConfigError, match="training.eval_k must be >= 1"):
         load_config(None, ["training.eval_k=0"], base=default_config_tree())

@@ -35,8 +35,9 @@ for the stop-gradient variant); ``ref_logp`` needed when ``cfg.beta > 0``.
 
 Presets: ``algorithm_preset("papo_g" | "papo_d" | "grpo" | "dapo", **overrides) -> AlgorithmConfig``.
 
-Collapse: ``CollapseDetector().update(step_metrics, step)`` returns a warning string when perception KL, clip
-fraction and both NLLs rise together.
+Collapse: ``CollapseDetector().update(step_metrics, step)`` returns a warning string, once per episode, when the
+reference KL rises (the early sign), the perception KL passes its alarm level, or perception KL, clip fraction
+and both NLLs rise together.
 
 Views, signals, consumers (once per RL step, after the no-grad scoring pass)::
 

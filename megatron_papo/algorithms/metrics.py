@@ -56,48 +56,90 @@ def reduce_means(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], group=None
 
 
 class CollapseDetector:
-    """Warns when perception KL, clip fraction and the NLLs of both policies rise together (docs/algorithm.md s.4).
+    """Warns when a run drifts towards collapse; once per episode of each sign (docs/algorithm.md section 4).
 
-    Feed it the reduced metrics of each RL step (keys ``perception_kl``, ``pg_clipfrac``, ``nll``, ``mask_nll``).
-    It compares the mean of the last ``window`` steps with the mean of the ``window`` steps before: all four must
-    have grown by at least ``rel_rise`` (relative) and the recent perception KL must exceed ``kl_floor`` (healthy
-    runs stay near 0.02-0.05; collapsed ones reach ~1). A perception KL above ``kl_alarm`` warns on its own.
+    Feed it the reduced metrics of each RL step (keys ``perception_kl``, ``pg_clipfrac``, ``nll``, ``mask_nll``,
+    ``ref_kl``; missing ones are skipped). Three signs, each warned once when it appears and again only after it
+    has been absent for ``window`` steps (an episode):
+
+    - **reference-KL rise**, the early one: the k3 KL from the frozen reference ``ref_kl`` above ``ref_kl_alarm``
+      nats, or the mean of the last ``window`` steps ``ref_kl_growth`` times the mean of the ``window`` before and
+      above ``ref_kl_floor``. Measured on CPU collapses of the tiny model (higher learning rate, large gamma:
+      tests/data/collapse_traces.json) it rose to 2-6 nats while healthy runs stayed below ~0.15; it needs neither a
+      perception term (works for GRPO) nor a moving clip fraction;
+    - **perception KL alarm**: ``perception_kl`` above ``kl_alarm`` (healthy 0.02-0.05; collapsed ~1);
+    - **joint rise**: perception KL, clip fraction and the NLLs of both policies all grew by ``rel_rise`` between
+      the two windows and the recent perception KL exceeds ``kl_floor``; a signal that is zero in both windows
+      (the clip fraction with one optimizer step per rollout batch) cannot move and is left out of the rule.
     """
 
     WATCHED = ("perception_kl", "pg_clipfrac", "nll", "mask_nll")
 
-    def __init__(self, window: int = 5, rel_rise: float = 0.2, kl_floor: float = 0.1, kl_alarm: float = 0.5):
+    def __init__(self, window: int = 5, rel_rise: float = 0.2, kl_floor: float = 0.1, kl_alarm: float = 0.5,
+                 ref_kl_alarm: float = 1.0, ref_kl_growth: float = 3.0, ref_kl_floor: float = 0.3):
         if window < 1:
             raise ValueError(f"CollapseDetector window must be >= 1, got {window}")
         self.window, self.rel_rise, self.kl_floor, self.kl_alarm = window, rel_rise, kl_floor, kl_alarm
+        self.ref_kl_alarm, self.ref_kl_growth, self.ref_kl_floor = ref_kl_alarm, ref_kl_growth, ref_kl_floor
         self.history: deque[dict[str, float]] = deque(maxlen=2 * window)
+        self.quiet: dict[str, int] = {}                 # sign -> steps since it was last present (absent: armed)
         self.warnings = 0
 
     def update(self, metrics: dict[str, float], step: Optional[int] = None) -> Optional[str]:
-        """Record one step; return (and log) a warning message when collapse signs move together, else None."""
-        if any(k not in metrics or not math.isfinite(float(metrics[k])) for k in self.WATCHED):
-            return None                                                # e.g. GRPO without the perception term
-        self.history.append({k: float(metrics[k]) for k in self.WATCHED})
-        msg = self._check()
-        if msg is not None:
-            self.warnings += 1
-            msg = f"step {step}: {msg}" if step is not None else msg
-            logger.info(msg)           # the run logger prints it (once); logging it too showed it twice
+        """Record one step; return (and log) a warning when a sign starts an episode, else None."""
+        keys = self.WATCHED + ("ref_kl",)
+        self.history.append({k: float(metrics[k]) for k in keys if k in metrics and math.isfinite(float(metrics[k]))})
+        found = [(name, msg) for name, msg in ((n, rule()) for n, rule in self._rules()) if msg is not None]
+        present = {name for name, _ in found}
+        new = [msg for name, msg in found if name not in self.quiet]
+        for name in list(self.quiet):
+            self.quiet[name] = 0 if name in present else self.quiet[name] + 1
+            if self.quiet[name] >= self.window:
+                del self.quiet[name]                    # the episode is over: warn again if it comes back
+        for name in present:
+            self.quiet.setdefault(name, 0)
+        if not new:
+            return None
+        self.warnings += 1
+        msg = "; ".join(new) + "; consider a smaller gamma or learning rate, the double entropy loss or a reference KL"
+        msg = f"step {step}: {msg}" if step is not None else msg
+        logger.info(msg)           # the run logger prints it (once); logging it as a warning too showed it twice
         return msg
 
-    def _check(self) -> Optional[str]:
-        last = self.history[-1]["perception_kl"]
-        if last > self.kl_alarm:
-            return (f"possible PAPO collapse (KL_prcp hacking): perception KL {last:.3f} > {self.kl_alarm}; "
-                    "consider a smaller gamma, the double entropy loss or a reference KL")
-        if len(self.history) < 2 * self.window:
+    def _rules(self):
+        return (("ref_kl", self._ref_kl_rise), ("perception_alarm", self._perception_alarm),
+                ("joint_rise", self._joint_rise))
+
+    def _windows(self, key: str):
+        """(mean of the older window, mean of the recent window) of ``key``, or None before two windows."""
+        vals = [s.get(key) for s in self.history]
+        if len(vals) < 2 * self.window or any(v is None for v in vals):
             return None
-        steps = list(self.history)
-        before = {k: sum(s[k] for s in steps[:self.window]) / self.window for k in self.WATCHED}
-        recent = {k: sum(s[k] for s in steps[self.window:]) / self.window for k in self.WATCHED}
-        rising = all(recent[k] > before[k] * (1 + self.rel_rise) and recent[k] > before[k] for k in self.WATCHED)
-        if rising and recent["perception_kl"] > self.kl_floor:
-            moves = ", ".join(f"{k} {before[k]:.3g}->{recent[k]:.3g}" for k in self.WATCHED)
-            return (f"possible PAPO collapse (KL_prcp hacking): {moves} rose together over the last "
-                    f"{self.window} steps; consider a smaller gamma, the double entropy loss or a reference KL")
+        return sum(vals[:self.window]) / self.window, sum(vals[self.window:]) / self.window
+
+    def _ref_kl_rise(self) -> Optional[str]:
+        last = self.history[-1].get("ref_kl")
+        if last is None:
+            return None
+        if last > self.ref_kl_alarm:
+            return f"possible collapse: reference KL {last:.3f} > {self.ref_kl_alarm} nats"
+        w = self._windows("ref_kl")
+        if w and w[1] > self.ref_kl_floor and w[1] > self.ref_kl_growth * w[0]:
+            return f"possible collapse: reference KL rose {w[0]:.3g} -> {w[1]:.3g} over {self.window} steps"
+        return None
+
+    def _perception_alarm(self) -> Optional[str]:
+        last = self.history[-1].get("perception_kl")
+        if last is not None and last > self.kl_alarm:
+            return f"possible PAPO collapse (KL_prcp hacking): perception KL {last:.3f} > {self.kl_alarm}"
+        return None
+
+    def _joint_rise(self) -> Optional[str]:
+        w = {k: self._windows(k) for k in self.WATCHED}
+        if any(v is None for v in w.values()) or w["perception_kl"][1] <= self.kl_floor:
+            return None
+        moving = {k: v for k, v in w.items() if not (v[0] == 0.0 and v[1] == 0.0)}
+        if all(recent > before * (1 + self.rel_rise) and recent > before for before, recent in moving.values()):
+            moves = ", ".join(f"{k} {b:.3g}->{r:.3g}" for k, (b, r) in moving.items())
+            return f"possible PAPO collapse (KL_prcp hacking): {moves} rose together over the last {self.window} steps"
         return None

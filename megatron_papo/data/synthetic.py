@@ -1,14 +1,18 @@
 """Verifiable synthetic image tasks: answers known by construction, and only visible in the image.
 
-Made for the CPU demo: small images (56 or 84 px -> 4 or 9 merged image tokens at patch 14), shapes drawn on the
-14-px patch grid (one shape per cell, so one vision patch sees one shape), small counts and one-word answers,
-so a tiny VLM can learn them within minutes. Every question text is the same for all samples of a kind: the answer
-cannot be guessed from the text.
+Made for the CPU demo and experiments: small images (56 px -> 2 x 2 merged image tokens at patch 14 and merge 2),
+shapes drawn on the 28-px grid of merged image tokens (one shape per token, so one token sees one whole shape), small
+counts and one-word answers, so a tiny VLM learns to read them within minutes. Every question text is the same for
+all samples of a kind: the answer cannot be guessed from the text (chance: 1/4 for either kind, answers uniform).
 
 Kinds:
-- ``count``: 1..5 shapes in distinct grid cells; "How many shapes are in the image?" -> "3".
-- ``color``: one large shape (2x2 cells) and 1..2 small ones in other colours; "What colour is the largest
-  shape?" -> "red".
+- ``count``: 1..4 shapes, each filling its own grid cell; "How many shapes are in the image?" -> "3".
+- ``color``: one large shape (a whole cell) and 1..2 small ones (half a cell) in other cells and other colours;
+  "What colour is the largest shape?" -> "red".
+
+Earlier versions drew on the 14-px patch grid (count 1..5 in 16 cells, a 2x2-cell shape straddling tokens):
+the tiny demo model then learned counting barely above chance and read the image little, so the perception term
+of PAPO had almost nothing to act on.
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-CELL = 14
+CELL = 14        # vision patch size in pixels: image sizes are multiples of it
+TOKEN_CELL = 28  # one merged image token (patch 14 x spatial merge 2): shapes are laid out on this grid
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
 QUESTIONS = {
     "count": "How many shapes are in the image?",
     "color": "What colour is the largest shape?",
 }
 KINDS = tuple(QUESTIONS)
-MAX_COUNT = 5
+MAX_COUNT = 4
+SHAPES = ("square", "circle", "triangle")
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], shape: str, colour) -> None:
@@ -38,44 +44,46 @@ def _draw_shape(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], shape
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def _cell_box(row: int, col: int, span: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    # A shape fills most of its cell(s), jittered by a pixel or two so images are not all identical.
-    size = span * CELL
-    margin = int(rng.integers(1, 3)) * span
-    x0, y0 = col * CELL + margin, row * CELL + margin
-    return x0, y0, x0 + size - 2 * margin, y0 + size - 2 * margin
+def _grid(image_size: int) -> tuple[int, int]:
+    """(cells per side, cell size in px): the merged-token grid, at least 2 x 2 cells."""
+    cells = max(2, image_size // TOKEN_CELL)
+    return cells, image_size // cells
+
+
+def _cell_box(cell: int, cells: int, size: int, frac: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    # A shape of ``frac`` of the cell, placed with a pixel or two of jitter so images are not all identical.
+    side = max(4, int(size * frac) - 2 * int(rng.integers(1, 3)))
+    slack = size - side
+    x0 = (cell % cells) * size + int(rng.integers(0, slack + 1))
+    y0 = (cell // cells) * size + int(rng.integers(0, slack + 1))
+    return x0, y0, x0 + side - 1, y0 + side - 1
 
 
 def _count_task(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str, str]:
-    cells = image_size // CELL
+    cells, size = _grid(image_size)
     count = int(rng.integers(1, MAX_COUNT + 1))
-    chosen = rng.choice(cells * cells, size=count, replace=False)
     image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
     names = list(COLOURS)
-    for cell in chosen:
+    for cell in rng.choice(cells * cells, size=count, replace=False):
         colour = COLOURS[names[int(rng.integers(len(names)))]]
-        shape = ("square", "circle", "triangle")[int(rng.integers(3))]
-        _draw_shape(draw, _cell_box(int(cell) // cells, int(cell) % cells, 1, rng), shape, colour)
+        _draw_shape(draw, _cell_box(int(cell), cells, size, 1.0, rng), SHAPES[int(rng.integers(3))], colour)
     return image, str(count), _SOLUTIONS["count"](str(count))
 
 
 def _colour_task(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str, str]:
-    cells = image_size // CELL
+    cells, size = _grid(image_size)
     names = list(COLOURS)
     order = rng.permutation(len(names))
     big_colour = names[order[0]]
     image = Image.new("RGB", (image_size, image_size), (0, 0, 0))
     draw = ImageDraw.Draw(image)
-    row, col = (int(v) for v in rng.integers(0, cells - 1, size=2))
-    _draw_shape(draw, _cell_box(row, col, 2, rng), ("square", "circle")[int(rng.integers(2))],
-                COLOURS[big_colour])
-    free = [r * cells + c for r in range(cells) for c in range(cells)
-            if not (row <= r <= row + 1 and col <= c <= col + 1)]
     num_small = int(rng.integers(1, 3))
-    for k, cell in enumerate(rng.choice(free, size=num_small, replace=False)):
-        colour = COLOURS[names[order[1 + k]]]
-        _draw_shape(draw, _cell_box(int(cell) // cells, int(cell) % cells, 1, rng), "square", colour)
+    chosen = rng.choice(cells * cells, size=1 + num_small, replace=False)
+    _draw_shape(draw, _cell_box(int(chosen[0]), cells, size, 1.0, rng), SHAPES[int(rng.integers(3))],
+                COLOURS[big_colour])
+    for k, cell in enumerate(chosen[1:]):
+        _draw_shape(draw, _cell_box(int(cell), cells, size, 0.5, rng), "square", COLOURS[names[order[1 + k]]])
     return image, big_colour, _SOLUTIONS["color"](big_colour)
 
 
@@ -99,7 +107,7 @@ def iter_synthetic_samples(n: int, seed: int, kinds: Sequence[str] = KINDS,
     unknown = [k for k in kinds if k not in _MAKERS]
     if unknown or not kinds:
         raise ValueError(f"synthetic kinds: unknown {unknown or 'empty list'}; choose from {list(_MAKERS)}")
-    # 3x3 cells at least: room for MAX_COUNT shapes, and for a 2x2 shape plus two small ones.
+    # 3 patches at least, so the processor's grid has 2 x 2 merged tokens and room for MAX_COUNT shapes.
     if image_size % CELL or image_size < 3 * CELL:
         raise ValueError(f"synthetic image_size must be a multiple of {CELL} and at least {3 * CELL}, "
                          f"got {image_size}")

@@ -10,26 +10,30 @@ from megatron_papo.config import Config, to_dict
 
 def default_config_tree() -> dict:
     """The embedded demo: a tiny VLM (2 layers, hidden 64) answers synthetic counting / colour questions about
-    56-px images with PAPO-G on CPU; about a minute of compute on 2 idle cores.
+    56-px images (one shape per merged image token) with PAPO-G on CPU; a few minutes on 2 cores.
 
-    A short supervised warm-start on the tasks' worked answers comes first (the run says so): a random tiny model
-    never produces ``<think>...</think> \\boxed{}`` by chance, and RL needs reward variance within groups. It is
-    kept short on purpose (the answer format half learned, so the start reward is low); RL then raises the reward,
-    mostly by making the format reliable (an answer only counts inside a well-formed response). Measured on the
-    2-core CPU machine, summary line: seed 1234 0.090 -> 0.235 (3m22s wall on a busy machine), seed 2
-    0.079 -> 0.192 (1m13s), seed 1 0.070 -> 0.159 (41s).
+    A supervised warm-start on the tasks' worked answers comes first (the run says so): a random tiny model never
+    produces ``<think>...</think> \\boxed{}`` by chance, and RL needs reward variance within groups. 200 steps leave
+    the model reading the image a little (held-out accuracy about 0.2-0.3 at the start of RL); RL then raises the
+    reward by reading it better. At the end the policy is evaluated on 64 held-out questions (another synthetic
+    seed) with the real, the PAPO-masked and a black image, printed just before the summary line. Measured on the
+    shared 2-core machine under load (4.5 min wall): mean reward 0.258 -> 0.537, held-out accuracy real 0.531 /
+    masked 0.277 / black 0.246 (chance 0.25).
     """
     return {
         "model": {"preset": "tiny"},
         "data": {"train_shards": "runs/demo/data/train", "synthetic_if_missing": True, "synthetic_samples": 2000,
                  "tokenizer": {"type": "sentencepiece", "path": None}, "max_prompt_length": 256,
-                 "shuffle_buffer": 200, "min_pixels": 56 * 56, "max_pixels": 84 * 84},
+                 "shuffle_buffer": 200, "min_pixels": 56 * 56, "max_pixels": 84 * 84,
+                 "val_shards": "runs/demo/data/heldout"},
         "rollout": {"n": 8, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16},
         "algorithm": {"preset": "papo_g"},
         # 1e-3 keeps RL stable here (2e-3 drifts away from the reference and forgets the image within 20 steps)
         "optimizer": {"lr": 1e-3, "weight_decay": 0.01, "clip_grad": 1.0, "warmup_steps": 0},
-        "training": {"rl_steps": 50, "prompts_per_step": 16, "prompts_per_update": 16, "micro_batch_size": 32,
-                     "warmup_sft_steps": 90, "seed": 1234, "cpu_threads": 1},
+        "training": {"rl_steps": 60, "prompts_per_step": 16, "prompts_per_update": 16, "micro_batch_size": 32,
+                     "warmup_sft_steps": 200, "seed": 1234, "cpu_threads": 1,
+                     # the final policy's image reliance on 64 held-out questions (another synthetic seed)
+                     "eval_interval": 60, "eval_limit": 64, "eval_k": 4},
         "checkpoint": {"dir": "runs/demo/checkpoints", "save_interval": 0, "keep_last": 2, "resume": None},
         "logging": {"tensorboard_dir": "runs/demo/tensorboard", "log_interval": 1, "progress": True},
     }

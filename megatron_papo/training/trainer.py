@@ -38,11 +38,13 @@ def build_data(cfg: Config):
 
     d = cfg.data
     if d.synthetic_if_missing:
-        if (not dist.is_initialized() or dist.get_rank() == 0) and \
-                ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed):
-            print(f"data: {d.train_shards} held no shards: wrote {d.synthetic_samples} SYNTHETIC samples there and "
-                  "training uses them (data.synthetic_if_missing=true); set it to false to train only on your "
-                  "own data", flush=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            if ensure_synthetic_shards(d.train_shards, d.synthetic_samples, cfg.training.seed):
+                print(f"data: {d.train_shards} held no shards: wrote {d.synthetic_samples} SYNTHETIC samples there "
+                      "and training uses them (data.synthetic_if_missing=true); set it to false to train only on "
+                      "your own data", flush=True)
+            if validates(cfg):                   # held out: another seed than the training questions
+                ensure_synthetic_shards(d.val_shards, cfg.training.eval_limit or 64, cfg.training.seed + 1)
         if dist.is_initialized():
             dist.barrier()
     resolve_shards(d.train_shards)
@@ -53,6 +55,11 @@ def build_data(cfg: Config):
                          d.num_workers, transform=PromptEncoder(tokenizer, processor, d.max_prompt_length),
                          limits=DataLimits.from_config(d))
     return tokenizer, processor, reader
+
+
+def validates(cfg: Config) -> bool:
+    """In-training validation will run at least once (``training.eval_interval`` within ``training.rl_steps``)."""
+    return 0 < cfg.training.eval_interval <= cfg.training.rl_steps
 
 
 def model_spec(cfg: Config, tokenizer):
@@ -260,7 +267,7 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
     from megatron_papo.rewards.budget import timed_out_total
 
     ctx, cfg, log = run.ctx, run.ctx.cfg, run.logger
-    validator = Validator.build(cfg)                            # None unless training.eval_interval > 0
+    validator = Validator.build(cfg) if validates(cfg) else None
     for step in range(run.start_step + 1, cfg.training.rl_steps + 1):
         snapshot, timed_out = (run.reader.state_dict(), rng_state()), timed_out_total()
         try:
@@ -275,7 +282,7 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
         result["steps"], run.dirty = step, True
         log.log_step(step, cfg.training.rl_steps, metrics)
         if validator is not None:
-            validator.maybe_run(ctx, step, log)
+            result["validation"] = validator.maybe_run(ctx, step, log) or result.get("validation")
         _check_skipped(run, metrics, step)
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             result["checkpoint"] = save(run, step)
@@ -304,7 +311,8 @@ def train_loop(run: Run) -> dict:
 
 
 def summarize(run: Run, result: dict) -> Optional[str]:
-    """The closing lines; the last one is ``mean reward <start> -> <end>`` (first and last steps, up to 3 each)."""
+    """The closing lines; the last one is ``mean reward <start> -> <end>`` (first and last steps, up to 3 each),
+    after the image reliance of the policy at the last validation (when validating)."""
     r = result["rewards"]
     if not r:
         run.logger.info("no RL steps were run (training.rl_steps already reached)")
@@ -318,6 +326,11 @@ def summarize(run: Run, result: dict) -> Optional[str]:
                         + " (tools/inspect_shards.py names them)")
     run.logger.info(f"tensorboard logs: {run.logger.run_dir}")
     run.logger.info(f"checkpoint: {result['checkpoint']}")
+    v = result.get("validation")
+    if v:
+        run.logger.info(f"image reliance of the policy at the last validation ({cfg.data.val_shards}): accuracy "
+                        f"real {v['val/avg@k']:.3f} / masked {v['val/avg@k_masked']:.3f} / black "
+                        f"{v['val/avg@k_blank']:.3f}")
     line = f"mean reward {start:.3f} -> {end:.3f}"
     run.logger.info(line)
     return line
