@@ -174,3 +174,13 @@ def test_summary_statistics_by_hand():
     assert s["control_drift"]["accuracy"] == pytest.approx((0.02 + 0.02 + 0.01) / 3)
     assert pair["beyond_drift"] is False                      # its interval reaches 0
     assert "| papo_g - grpo | accuracy | +0.0500 | [+0.0000, +0.1000] | 2/3 |" in format_markdown(s)
+
+
+def test_shipped_cpu_experiment_config_loads():
+    """The example experiment (not run in CI) resolves: every arm's training config validates."""
+    from megatron_papo.evaluation.experiment import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(str(root / "examples" / "experiments" / "papo_vs_grpo_cpu.yaml"))
+    assert spec.arm_names == ["grpo", "papo_g", "control", "vppo"]
+    assert (spec.baseline, spec.control) == ("grpo", "control")
