@@ -30,7 +30,10 @@ def _common(params_dtype: torch.dtype, fp8: str | None, fp8_recipe: str, recompu
 
 
 def language_config(spec: VLMSpec, *, params_dtype=torch.float32, fp8: str | None = None,
-                    fp8_recipe: str = "delayed", recompute: bool = False) -> TransformerConfig:
+                    fp8_recipe: str = "delayed", recompute: bool = False, **attention) -> TransformerConfig:
+    """The language model's config; ``attention``: the family's attention options (default Qwen2.5: QKV bias,
+    no q/k norm; Qwen3-VL passes ``add_qkv_bias=False, qk_layernorm=True``)."""
+    attention = {"add_qkv_bias": True, **attention}
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if spec.num_layers % pp:
         raise ValueError(f"model '{spec.name}' has {spec.num_layers} layers, not divisible by pipeline "
@@ -38,9 +41,8 @@ def language_config(spec: VLMSpec, *, params_dtype=torch.float32, fp8: str | Non
     return TransformerConfig(
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
         num_query_groups=spec.num_kv_heads, ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
-        layernorm_epsilon=spec.rms_eps, add_bias_linear=False, add_qkv_bias=True,
-        mrope_section=list(spec.mrope_section), pipeline_model_parallel_size=pp,
-        **_common(params_dtype, fp8, fp8_recipe, recompute),
+        layernorm_epsilon=spec.rms_eps, add_bias_linear=False, mrope_section=list(spec.mrope_section),
+        pipeline_model_parallel_size=pp, **attention, **_common(params_dtype, fp8, fp8_recipe, recompute),
     )
 
 

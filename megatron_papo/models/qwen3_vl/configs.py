@@ -8,26 +8,16 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 from megatron_papo.models.configs import _common
+from megatron_papo.models.configs import language_config as base_language_config
 from megatron_papo.models.qwen3_vl.spec import Qwen3VLSpec
 
 
-def language_config(spec: Qwen3VLSpec, *, params_dtype=torch.float32, fp8: str | None = None,
-                    fp8_recipe: str = "delayed", recompute: bool = False) -> TransformerConfig:
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if spec.num_layers % pp:
-        raise ValueError(f"model '{spec.name}' has {spec.num_layers} layers, not divisible by pipeline "
-                         f"parallel size {pp}; choose a pp that divides it")
-    return TransformerConfig(
-        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
-        num_query_groups=spec.num_kv_heads, ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
-        layernorm_epsilon=spec.rms_eps, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True,
-        mrope_section=list(spec.mrope_section), pipeline_model_parallel_size=pp,
-        **_common(params_dtype, fp8, fp8_recipe, recompute),
-    )
+def language_config(spec: Qwen3VLSpec, **kwargs) -> TransformerConfig:
+    """Qwen3 attention: per-head RMSNorm on q and k, no QKV bias; otherwise the Qwen2.5-VL language config."""
+    return base_language_config(spec, add_qkv_bias=False, qk_layernorm=True, **kwargs)
 
 
 def vision_config(spec: Qwen3VLSpec, *, params_dtype=torch.float32, fp8: str | None = None,
