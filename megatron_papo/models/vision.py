@@ -95,15 +95,8 @@ class VisionTower(MegatronModule):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        # layers are a plain ModuleList: give each TransformerLayer its own (TP-aware) sharded state dict.
-        out = {}
-        for i, layer in enumerate(self.layers):
-            out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
-        tp_group = parallel_state.get_tensor_model_parallel_group()  # None would mark every TP rank replica 0
-        for name in ("patch_embed", "merger"):
-            out.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.", sharded_offsets,
-                                                  metadata, tp_group=tp_group))
-        return out
+        parts = [("patch_embed", self.patch_embed), ("merger", self.merger)]
+        return vision_sharded_state_dict(self.layers, parts, prefix, sharded_offsets, metadata)
 
     def _rotary(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
         pos = vision_position_ids(grid_thw, self.v.spatial_merge_size).to(device)  # [P, 2]
@@ -129,3 +122,16 @@ class VisionTower(MegatronModule):
             x, _ = layer(hidden_states=x, attention_mask=mask, rotary_pos_emb=rot)
         merged = self.merger(x.squeeze(1))  # [P/m^2, h] in window order
         return merged[torch.argsort(order)]
+
+
+def vision_sharded_state_dict(layers, parts: list, prefix: str, sharded_offsets, metadata) -> dict:
+    """A vision tower's sharded state dict: its ``layers`` are a plain ModuleList, so each TransformerLayer gives
+    its own (TP-aware) one; the other ``parts`` ((name, module) pairs) go through megatron's default."""
+    out = {}
+    for i, layer in enumerate(layers):
+        out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
+    tp_group = parallel_state.get_tensor_model_parallel_group()  # None would mark every TP rank replica 0
+    for name, module in parts:
+        out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                              tp_group=tp_group))
+    return out

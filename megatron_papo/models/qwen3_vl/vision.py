@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import sharded_state_dict_default
 
 from megatron_papo.models.qwen3_vl.spec import Qwen3VisionSpec
-from megatron_papo.models.vision import block_diagonal_mask, vision_position_ids
+from megatron_papo.models.vision import block_diagonal_mask, vision_position_ids, vision_sharded_state_dict
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int):
@@ -95,17 +94,9 @@ class Qwen3VisionTower(MegatronModule):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        # layers are a plain ModuleList: give each TransformerLayer its own (TP-aware) sharded state dict.
-        out = {}
-        for i, layer in enumerate(self.layers):
-            out.update(layer.sharded_state_dict(f"{prefix}layers.{i}.", sharded_offsets, metadata))
-        tp_group = parallel_state.get_tensor_model_parallel_group()  # None would mark every TP rank replica 0
         parts = [("patch_embed", self.patch_embed), ("pos_embed", self.pos_embed), ("merger", self.merger)]
         parts += [(f"deepstack_mergers.{k}", m) for k, m in enumerate(self.deepstack_mergers)]
-        for name, module in parts:
-            out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
-                                                  tp_group=tp_group))
-        return out
+        return vision_sharded_state_dict(self.layers, parts, prefix, sharded_offsets, metadata)
 
     def _rotary(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
         pos = vision_position_ids(grid_thw, self.v.spatial_merge_size).to(device)  # [P, 2]
