@@ -162,7 +162,7 @@ def test_presets_have_published_dimensions():
 
 
 def test_fp8_and_te_requests_fail_clearly_without_support():
-    from megatron_papo.models.specs import check_transformer_impl
+    from megatron_papo.models.common.specs import check_transformer_impl
     from megatron_papo.platform import fp8_available
 
     check_transformer_impl("local", None)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_papo.models.presets import VLMSpec
-from megatron_papo.models.vlm import padded_vocab_size
+from megatron_papo.models.common.vlm import padded_vocab_size
+from megatron_papo.models.qwen2_5_vl.spec import VLMSpec
 
 
 @dataclass(frozen=True)
