@@ -2,7 +2,8 @@
 the scoring log-probs of the real rows and of real + masked rows, and the update's loss and gradients with the
 real view alone and with each micro-batch paired with its masked copy (both views), for prompts with images of
 different sizes, a text-only prompt, an image token sampled inside a response and rows of different lengths.
-Under PP every packed micro-batch has the budget's length (padding tail); at PP = 1 its rows' own."""
+Under PP every packed micro-batch has the budget's length (padding tail); at PP = 1 its rows' own. Qwen3-VL runs
+the same checks at PP2, its DeepStack layers split across the stages."""
 
 from __future__ import annotations
 
@@ -126,6 +127,11 @@ def _check(res, pp: int):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
 def test_packed_equals_padded(tp, pp):
     _check(run_multirank(_body, tp * pp, tp=tp, pp=pp, timeout=240), pp)
+
+
+def test_qwen3_packed_equals_padded_across_a_deepstack_split():
+    """Qwen3-VL shares the composition's packed path: PP2 splits its DeepStack layers, so the features ride along."""
+    _check(run_multirank(_body, 2, tp=1, pp=2, timeout=240, args=("qwen3-vl-tiny",)), 2)
 
 
 def test_first_fit_decreasing_and_row_order():
