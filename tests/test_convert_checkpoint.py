@@ -92,7 +92,8 @@ def test_name_map_covers_every_hf_tensor_once():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.convert import name_map
-    from megatron_papo.convert.mapping import expected_hf_shapes, normalise_hf_name
+    from megatron_papo.convert.mapping import normalise_hf_name
+    from megatron_papo.models.qwen2_5_vl.mapping import expected_hf_shapes
     from megatron_papo.models import spec_from_hf_config
 
     for tied in (False, True):

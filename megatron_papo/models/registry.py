@@ -89,7 +89,7 @@ FAMILIES: dict[str, Family] = {
         model_class=qwen2_5_vl.Qwen25VLModel, check_tp_divisibility=qwen2_5_vl.check_tp_divisibility,
         is_hf_config=qwen25_spec.is_hf_config, spec_from_hf_config=qwen2_5_vl.spec_from_hf_config,
         hf_config_from_spec=qwen25_spec.hf_config_from_spec, spec_from_dict=qwen25_spec.spec_from_dict,
-        mapping=_mapping("megatron_papo.convert.mapping"),
+        mapping=_mapping("megatron_papo.models.qwen2_5_vl.mapping"),
         image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
         hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=_qwen25_counts,
         vision_flops=qwen25_counts.vision_flops),

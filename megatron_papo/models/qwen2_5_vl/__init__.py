@@ -1,6 +1,6 @@
 """Qwen2.5-VL on megatron-core: spec and presets with the Hugging Face config reader (spec.py), TransformerConfigs
-(configs.py), the windowed vision tower (vision.py) and the composition (model.py). Its checkpoint name map is
-``megatron_papo.convert.mapping``; what it shares with Qwen3-VL is ``megatron_papo.models.common``."""
+(configs.py), the windowed vision tower (vision.py), the composition (model.py), the checkpoint name map
+(mapping.py) and vision FLOPs (counts.py); what it shares with Qwen3-VL is ``megatron_papo.models.common``."""
 
 from __future__ import annotations
 
