@@ -135,8 +135,7 @@ def test_model_presets_match_published_dimensions(preset):
 @pytest.mark.parametrize("name", SCALED)
 def test_recipe_layout_fits_model_dimensions(name):
     """TP must divide every split dimension (heads, KV heads, MLP, vision); PP must divide the layers."""
-    from megatron_papo.models import get_preset
-    from megatron_papo.models.configs import check_tp_divisibility
+    from megatron_papo.models import check_tp_divisibility, get_preset
 
     cfg = _load(name)
     spec = get_preset(cfg.model.preset)

@@ -286,7 +286,7 @@ def _stack(z: dict):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_papo.models.specs import local_layer_spec
+    from megatron_papo.models import local_layer_spec
     from megatron_papo.platform import device, has_gpu
 
     dtype = torch.bfloat16 if has_gpu() else torch.float32                   # bf16 optimizer is GPU-only
