@@ -50,14 +50,14 @@ class Family:
 
 
 def _build_qwen25(spec, *, transformer_impl, fp8, fp8_recipe, params_dtype, freeze_vision, pre_process,
-                  post_process, recompute):
+                  post_process, recompute, sequence_parallel=False):
     from megatron_papo.models.configs import check_tp_divisibility
     from megatron_papo.models.vlm import Qwen25VLModel
 
     check_tp_divisibility(spec, parallel_state.get_tensor_model_parallel_world_size())
     return Qwen25VLModel(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
                          params_dtype=params_dtype, freeze_vision=freeze_vision, pre_process=pre_process,
-                         post_process=post_process, recompute=recompute)
+                         post_process=post_process, recompute=recompute, sequence_parallel=sequence_parallel)
 
 
 def _qwen25_from_dict(d: dict):
@@ -166,7 +166,8 @@ def spec_from_hf_config(cfg: dict, name: str = "hf"):
 def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | None = None,
               vision_start_token_id: int | None = None, transformer_impl: str = "local", fp8: str | None = None,
               fp8_recipe: str = "delayed", params_dtype: torch.dtype = torch.float32, freeze_vision: bool = False,
-              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False):
+              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False,
+              sequence_parallel: bool = False):
     """This rank's part of a VLM of any family (megatron parallel_state must be initialised).
 
     ``preset``: a preset name or a spec; vocab_size / image_token_id / vision_start_token_id override it (the
@@ -184,4 +185,5 @@ def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | No
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     return family_of_spec(spec).build(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
                                       params_dtype=params_dtype, freeze_vision=freeze_vision,
-                                      pre_process=pre_process, post_process=post_process, recompute=recompute)
+                                      pre_process=pre_process, post_process=post_process, recompute=recompute,
+                                      sequence_parallel=sequence_parallel)

@@ -17,13 +17,14 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_papo.models import fp8_padding
 from megatron_papo.models.configs import check_tp_divisibility, language_config, vision_config
 from megatron_papo.models.presets import VLMSpec, get_preset
 from megatron_papo.models.rope_index import get_packed_rope_index, get_rope_index
-from megatron_papo.models.specs import check_transformer_impl, language_layer_spec, vision_layer_spec
+from megatron_papo.models.specs import check_transformer_impl, language_block_spec, vision_layer_spec
 from megatron_papo.models.vision import VisionTower
 from megatron_papo.platform import device
 
@@ -40,18 +41,21 @@ class Qwen25VLModel(MegatronModule):
 
     def __init__(self, spec: VLMSpec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str,
                  params_dtype: torch.dtype, freeze_vision: bool, pre_process: bool, post_process: bool,
-                 recompute: bool = False):
-        lm_cfg = language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, recompute=recompute)
+                 recompute: bool = False, sequence_parallel: bool = False):
+        lm_cfg = language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, recompute=recompute,
+                                 sequence_parallel=sequence_parallel)
         super().__init__(config=lm_cfg)
         self.spec = spec
         self.pre_process, self.post_process = pre_process, post_process
         self.padded_vocab_size = padded_vocab_size(spec.vocab_size)
+        per_stage = lm_cfg.num_layers // lm_cfg.pipeline_model_parallel_size
         self.language_model = GPTModel(
-            config=lm_cfg, transformer_layer_spec=language_layer_spec(transformer_impl),
+            config=lm_cfg, transformer_layer_spec=language_block_spec(transformer_impl, per_stage),
             vocab_size=self.padded_vocab_size, max_sequence_length=spec.max_position_embeddings,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="mrope",
-            rotary_base=spec.rope_theta, parallel_output=True)
+            rotary_base=spec.rope_theta, parallel_output=True,
+            scatter_embedding_sequence_parallel=False)  # forward scatters, after the image features go in
         self.vision = None
         if pre_process:
             # the vision tower never runs in FP8 (fp8_padding: varying patch counts, MLP width not 16-aligned)
@@ -117,6 +121,8 @@ class Qwen25VLModel(MegatronModule):
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, packed_seq_params=packed_seq_params)
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        if decoder_input is not None and self.config.sequence_parallel:  # [s/tp, b, h] from here on
+            decoder_input = scatter_to_sequence_parallel_region(decoder_input)
         out = self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                   inference_context=inference_context,
                                   runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)

@@ -16,9 +16,10 @@ __all__ = ["FAMILY", "PRESETS", "Qwen3VLModel", "Qwen3VLSpec", "Qwen3VisionSpec"
 
 
 def build(spec: Qwen3VLSpec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str, params_dtype: torch.dtype,
-          freeze_vision: bool, pre_process: bool, post_process: bool, recompute: bool) -> Qwen3VLModel:
+          freeze_vision: bool, pre_process: bool, post_process: bool, recompute: bool,
+          sequence_parallel: bool = False) -> Qwen3VLModel:
     """This rank's part of a Qwen3-VL model (parallel_state initialised, spec validated)."""
     check_tp_divisibility(spec, parallel_state.get_tensor_model_parallel_world_size())
     return Qwen3VLModel(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
                         params_dtype=params_dtype, freeze_vision=freeze_vision, pre_process=pre_process,
-                        post_process=post_process, recompute=recompute)
+                        post_process=post_process, recompute=recompute, sequence_parallel=sequence_parallel)

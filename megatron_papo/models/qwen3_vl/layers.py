@@ -23,10 +23,11 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import Multimod
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.specs import block_norm, with_torch_norms
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -73,7 +74,7 @@ def language_layer_spec(transformer_impl: str) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     spec.submodules.self_attention.module = RopeCachingSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return with_torch_norms(spec)
 
 
 def language_block_spec(transformer_impl: str, global_layers: range, slot_offset: int,
@@ -88,7 +89,7 @@ def language_block_spec(transformer_impl: str, global_layers: range, slot_offset
             specs.append(ds)
         else:
             specs.append(base)
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=block_norm())
 
 
 def vision_layer_spec(transformer_impl: str) -> ModuleSpec:

@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_papo.models.qwen3_vl.configs import language_config, vision_config
@@ -68,8 +69,9 @@ class Qwen3VLModel(MegatronModule):
 
     def __init__(self, spec: Qwen3VLSpec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str,
                  params_dtype: torch.dtype, freeze_vision: bool, pre_process: bool, post_process: bool,
-                 recompute: bool = False):
-        lm_cfg = language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, recompute=recompute)
+                 recompute: bool = False, sequence_parallel: bool = False):
+        lm_cfg = language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, recompute=recompute,
+                                 sequence_parallel=sequence_parallel)
         super().__init__(config=lm_cfg)
         self.spec = spec
         self.pre_process, self.post_process = pre_process, post_process
@@ -86,7 +88,8 @@ class Qwen3VLModel(MegatronModule):
             config=lm_cfg, transformer_layer_spec=block, vocab_size=self.padded_vocab_size,
             max_sequence_length=spec.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="mrope",
-            rotary_base=spec.rope_theta, parallel_output=True)
+            rotary_base=spec.rope_theta, parallel_output=True,
+            scatter_embedding_sequence_parallel=False)  # forward scatters, after the image features go in
         self.language_model.rotary_pos_emb = InterleavedMRoPE(spec.head_dim, spec.rope_theta)
         self.vision = None
         if pre_process:
@@ -152,6 +155,10 @@ class Qwen3VLModel(MegatronModule):
         decoder_input, features = None, self._received_features
         if self.pre_process:
             decoder_input, features = self.embed(input_ids, pixel_values, image_grid_thw)
+            if self.config.sequence_parallel:  # [s/tp, b, h] and [K, s/tp, b, h] from here on
+                decoder_input = scatter_to_sequence_parallel_region(decoder_input)
+                if features is not None:
+                    features = scatter_to_sequence_parallel_region(features.transpose(0, 1)).transpose(0, 1)
         out = self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                   inference_context=inference_context, runtime_gather_output=runtime_gather_output,
                                   extra_block_kwargs={"context": features})
