@@ -3,6 +3,7 @@
 - DP=2 (two ranks, questions dealt over them, an uneven last round) gives the same per-question records as one
   process batching the questions differently, perception included (answers with the masked and the blank
   image, KL sums);
+- PP=2 (the same weights split over two stages) gives the same records as one process;
 - the per-token KL between the next-token distributions with the real and the masked image, computed on the
   vocabulary shards through megatron's schedule, equals a float64 computation on the gathered logits, at TP=1
   and TP=2 (exact KL and k3 on the sampled tokens).
@@ -35,10 +36,19 @@ def _setup(spm_path: str):
     return model, tok, Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=84 * 84), questions
 
 
-def _records(spm_path: str, batch_size: int):
+def _records(spm_path: str, batch_size: int, weights: str | None = None):
+    """Records of the 5 questions; ``weights``: a dist checkpoint directory, written from this model when
+    absent, loaded into it (resharded to this layout) when present."""
+    import os
+
     from megatron_papo.evaluation import EvalSettings, evaluate
+    from megatron_papo.training.checkpoint import load_checkpoint, save_checkpoint
 
     model, tok, proc, questions = _setup(spm_path)
+    if weights is not None and os.path.isdir(os.path.join(weights, "step_0")):
+        load_checkpoint(os.path.join(weights, "step_0"), [model])
+    elif weights is not None:
+        save_checkpoint(weights, 0, [model])
     settings = EvalSettings(k=K, max_new_tokens=NEW, seed=11, perception=True, batch_size=batch_size)
     return evaluate(model, tok, proc, questions, settings, progress=False)
 
@@ -93,16 +103,18 @@ def _kl_check(spm_path: str):
     return (got - ref).abs().max(0).values.tolist(), ref.abs().max(0).values.tolist(), ref[:, 0].min().item()
 
 
-def _single(rank, world_size, spm_path):
-    return {"eval": _records(spm_path, 3), "kl": _kl_check(spm_path)}
+def _single(rank, world_size, spm_path, weights):
+    return {"eval": _records(spm_path, 3, weights), "kl": _kl_check(spm_path)}
 
 
-def _two(rank, world_size, spm_path):
+def _two(rank, world_size, spm_path, weights):
     from megatron_papo.platform import init_model_parallel
 
     res = _records(spm_path, 2)                               # tp=1: DP=2, batches [0,1] [4] | [2,3]
     init_model_parallel(tp=2, pp=1, seed=1234)
-    return {"eval": res, "kl": _kl_check(spm_path)}
+    kl = _kl_check(spm_path)
+    init_model_parallel(tp=1, pp=2, seed=1234)                # the single process's weights, split in 2 stages
+    return {"eval": res, "kl": kl, "pp2": _records(spm_path, 3, weights)}
 
 
 @pytest.fixture(scope="module")
@@ -114,26 +126,39 @@ def spm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(spm):
-    one = run_multirank(_single, world_size=1, args=(spm,), tp=1)[0]
-    two = run_multirank(_two, world_size=2, args=(spm,), tp=1)
+def runs(spm, tmp_path_factory):
+    weights = str(tmp_path_factory.mktemp("weights"))
+    one = run_multirank(_single, world_size=1, args=(spm, weights), tp=1)[0]
+    two = run_multirank(_two, world_size=2, args=(spm, weights), tp=1)
     return one, two
 
 
-def test_dp2_records_equal_single_process(runs):
-    one, two = runs
-    assert two[0]["eval"]["records"] == two[1]["eval"]["records"], "every rank ends with all records"
-    a, b = one["eval"]["records"], two[0]["eval"]["records"]
+def _same_records(a: list, b: list):
     assert [r["id"] for r in a] == [f"q{i}" for i in range(5)] == [r["id"] for r in b]
     for ra, rb in zip(a, b):
         ints = {k: v for k, v in ra.items() if not isinstance(v, float)}
         assert ints == {k: rb[k] for k in ints}, (ra, rb)
         for key in ("kl_sum", "k3_sum"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-7)
+
+
+def test_dp2_records_equal_single_process(runs):
+    one, two = runs
+    assert two[0]["eval"]["records"] == two[1]["eval"]["records"], "every rank ends with all records"
+    a = one["eval"]["records"]
+    _same_records(a, two[0]["eval"]["records"])
     assert sum(r["tokens"] for r in a) > 0 and sum(r["kl_sum"] for r in a) > 0
     ov = one["eval"]["datasets"]["overall"]
     assert ov["questions"] == 5 and ov["samples"] == 5 * K
     assert ov["reliance_masked"] == pytest.approx(ov["avg@k"] - ov["avg@k_masked"])
+
+
+def test_pp2_records_equal_single_process(runs):
+    """The same weights split over two pipeline stages answer, grade and score exactly as one process."""
+    one, two = runs
+    for rank in range(2):
+        _same_records(one["eval"]["records"], two[rank]["pp2"]["records"])
+    assert two[0]["pp2"]["datasets"] == two[1]["pp2"]["datasets"]
 
 
 def test_perception_kl_equals_float64_reference_tp1_tp2(runs):
