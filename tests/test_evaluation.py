@@ -4,6 +4,7 @@
   process batching the questions differently, perception included (answers with the masked and the blank
   image, KL sums);
 - PP=2 (the same weights split over two stages) gives the same records as one process;
+- a question whose prompt cannot be encoded (too long, image refused) is a counted skip with shard and key;
 - the per-token KL between the next-token distributions with the real and the masked image, computed on the
   vocabulary shards through megatron's schedule, equals a float64 computation on the gathered logits, at TP=1
   and TP=2 (exact KL and k3 on the sampled tokens).
@@ -103,8 +104,25 @@ def _kl_check(spm_path: str):
     return (got - ref).abs().max(0).values.tolist(), ref.abs().max(0).values.tolist(), ref[:, 0].min().item()
 
 
+def _skips(spm_path: str):
+    """The 5 questions, then the same with question 1 too long and question 3's image refused by the processor."""
+    from PIL import Image
+
+    from megatron_papo.data import encode_prompt
+    from megatron_papo.evaluation import EvalSettings, evaluate
+
+    model, tok, proc, questions = _setup(spm_path)
+    longest = max(len(encode_prompt(tok, proc, q["question"], q["images"])) for q in questions)
+    settings = EvalSettings(k=K, max_new_tokens=NEW, seed=11, batch_size=5)
+    bad = [dict(q) for q in questions]
+    bad[1]["question"] = bad[1]["question"] * 20
+    bad[3].update(images=[Image.new("RGB", (2000, 8))], shard="val/shard-0.tar", key="k3")  # aspect ratio 250
+    run = lambda qs: evaluate(model, tok, proc, qs, settings, progress=False, max_prompt_length=longest)  # noqa: E731
+    return run(questions), run(bad)
+
+
 def _single(rank, world_size, spm_path, weights):
-    return {"eval": _records(spm_path, 3, weights), "kl": _kl_check(spm_path)}
+    return {"eval": _records(spm_path, 3, weights), "kl": _kl_check(spm_path), "skips": _skips(spm_path)}
 
 
 def _two(rank, world_size, spm_path, weights):
@@ -159,6 +177,35 @@ def test_pp2_records_equal_single_process(runs):
     for rank in range(2):
         _same_records(one["eval"]["records"], two[rank]["pp2"]["records"])
     assert two[0]["pp2"]["datasets"] == two[1]["pp2"]["datasets"]
+
+
+def test_prompts_that_cannot_be_encoded_are_counted_skips(runs):
+    """A too-long prompt and an image the processor refuses are skipped with shard, key and reason; the other
+    questions keep their sampling streams (records equal to the run without bad questions)."""
+    full, got = runs[0]["skips"]
+    assert not full["skipped"] and len(full["records"]) == 5
+    assert [r["index"] for r in got["records"]] == [0, 2, 4]
+    assert got["records"] == [full["records"][i] for i in (0, 2, 4)]
+    assert [(s["index"], s["reason"]) for s in got["skipped"]] == [(1, "prompt_too_long"), (3, "bad_prompt")]
+    assert (got["skipped"][1]["shard"], got["skipped"][1]["key"]) == ("val/shard-0.tar", "k3")
+    assert "aspect ratio" in got["skipped"][1]["detail"] and "max_prompt_length" in got["skipped"][0]["detail"]
+    assert got["datasets"]["overall"]["questions"] == 3
+
+
+def test_skips_in_the_result_json_and_on_the_console(capsys):
+    from argparse import Namespace
+
+    from megatron_papo.evaluation.command import _print, skip_summary
+
+    skipped = [{"shard": "a.tar", "key": "x", "reason": "bad_image", "detail": "d"},
+               {"id": "q", "index": 4, "shard": "b.tar", "key": "y", "reason": "prompt_too_long", "detail": "d"}]
+    summary = skip_summary(skipped)
+    assert summary == {"count": 2, "by_reason": {"bad_image": 1, "prompt_too_long": 1}, "samples": skipped}
+    settings = dict(checkpoint="c", k=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=4, seed=1, protocol=None)
+    result = {"settings": settings, "layout": {"tp": 1, "pp": 1, "dp": 1}, "datasets": {"overall": {"questions": 3}},
+              "speed": {"seconds": 1.0, "questions_per_s": 1.0, "answers_per_s": 2.0}, "skipped": summary}
+    _print(result, Namespace(out=None))
+    assert "skipped 2 samples (1 bad_image, 1 prompt_too_long)" in capsys.readouterr().out
 
 
 def test_perception_kl_equals_float64_reference_tp1_tp2(runs):
