@@ -49,6 +49,18 @@ def micro_batches(rows: Rows, micro_batch_size: int, pad_id: int, *, max_tokens:
     return [_packed_micro_batch(rows, b, lengths, pad_id, tokens or {}, image_token_id, size(b)) for b in bins]
 
 
+def update_micro_batch_rows(rows: Rows, rows_per_update: int, micro_batch_size: int, max_tokens: int) -> list:
+    """Each update micro-batch's rows (indices into ``rows``) as the schedule runs them: every mini-batch of
+    ``rows_per_update`` consecutive rows split as :func:`micro_batches` splits it (row counts, or bins)."""
+    lengths, out = row_lengths(rows), []
+    for a in range(0, len(rows), rows_per_update):
+        n = min(rows_per_update, len(rows) - a)
+        parts = (first_fit_decreasing(lengths[a:a + n].tolist(), max_tokens) if max_tokens else
+                 [range(b, min(b + micro_batch_size, n)) for b in range(0, n, micro_batch_size)])
+        out += [[a + i for i in part] for part in parts]
+    return out
+
+
 def row_lengths(rows: Rows) -> torch.Tensor:
     """[N] tokens of each row when packed: its prompt and its response up to the last response token."""
     return torch.tensor([int(p.numel()) for p in rows.prompt_ids]) + response_lengths(rows.response_mask)
