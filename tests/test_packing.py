@@ -150,6 +150,22 @@ def test_first_fit_decreasing_and_row_order():
     assert back[:, 0].tolist() == list(range(len(real)))
 
 
+def test_update_micro_batch_rows_are_the_micro_batches_the_update_runs():
+    """What ``vppo_stats=reference`` calls a micro-batch: per mini-batch (6 rows here), the rows of each
+    micro-batch the update builds from it: token-budget bins under packing, runs of micro_batch_size without."""
+    from megatron_papo.training.packing import micro_batches, update_micro_batch_rows
+
+    real, _ = _rows()
+    assert update_micro_batch_rows(real, 6, 4, 0) == [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+    want = []
+    for a in (0, 6):
+        sub = real.select(list(range(a, min(a + 6, len(real)))))
+        want += [[a + i for i in mb.row_index.tolist()]
+                 for mb in micro_batches(sub, 4, PAD, max_tokens=30, image_token_id=IMG, one_shape=False)]
+    got = update_micro_batch_rows(real, 6, 4, 30)
+    assert got == want and got != [[0, 1, 2, 3], [4, 5], [6, 7, 8]]      # bins by length, not row counts
+
+
 def test_budget_must_hold_the_longest_row():
     from megatron_papo.config import ConfigError, load_config
 

@@ -51,5 +51,5 @@ class Validator:
         logger.info(f"validation step {step}: avg@{k} {m['avg@k']:.4f} | pass@{k} {m['pass@k']:.4f} | masked "
                     f"{m['avg@k_masked']:.4f} | blank {m['avg@k_blank']:.4f} | reliance {m['reliance_masked']:+.4f}"
                     f" / {m['reliance_blank']:+.4f} | kl {m['kl_exact']:.3g} | {len(self.questions)} questions, "
-                    f"{res['seconds']:.1f} s")
+                    f"{res['seconds']:.1f} s" + (f", {len(res['skipped'])} skipped" if res["skipped"] else ""))
         return metrics

@@ -153,7 +153,8 @@ def check_tp_divisibility(spec, tp: int) -> None:
 def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | None = None,
               vision_start_token_id: int | None = None, transformer_impl: str = "local", fp8: str | None = None,
               fp8_recipe: str = "delayed", params_dtype: torch.dtype = torch.float32, freeze_vision: bool = False,
-              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False):
+              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False,
+              sequence_parallel: bool = False):
     """This rank's part of a VLM of any family (megatron parallel_state must be initialised), on this rank's device.
 
     ``preset``: a preset name or a spec; vocab_size / image_token_id / vision_start_token_id override it (the
@@ -173,5 +174,6 @@ def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | No
     fp8_padding.configure(fp8, fp8_recipe)      # micro-batches are padded to FP8's token alignment
     model = family_of_spec(spec).model_class(
         spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe, params_dtype=params_dtype,
-        freeze_vision=freeze_vision, pre_process=pre_process, post_process=post_process, recompute=recompute)
+        freeze_vision=freeze_vision, pre_process=pre_process, post_process=post_process, recompute=recompute,
+        sequence_parallel=sequence_parallel)
     return model.to(device())                    # built on the CPU (use_cpu_initialization), run on this rank's GPU

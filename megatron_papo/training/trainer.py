@@ -25,6 +25,7 @@ from megatron_papo.training.resume import resume
 from megatron_papo.training.logging import RunLogger
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled, wrap_ddp
 from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
+from megatron_papo.training.sequence_parallel import model_sequence_parallel
 from megatron_papo.training.sft import warm_start
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,7 +103,8 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
     m = cfg.model
     model = build_vlm(model_spec(cfg, tokenizer), transformer_impl=m.transformer_impl, fp8=m.fp8,
                       fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
-                      freeze_vision=m.freeze_vision, recompute=m.recompute)
+                      freeze_vision=m.freeze_vision, recompute=m.recompute,
+                      sequence_parallel=model_sequence_parallel(cfg, trainable))
     ban_tokens(model, vision_token_ids(tokenizer))        # the policy never emits vision special tokens
     if m.load:
         from megatron_papo.convert.checkpoint import load_vlm_checkpoint

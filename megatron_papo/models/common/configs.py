@@ -31,9 +31,11 @@ def _common(params_dtype: torch.dtype, fp8: str | None, fp8_recipe: str, recompu
 
 
 def language_config(spec, *, params_dtype=torch.float32, fp8: str | None = None, fp8_recipe: str = "delayed",
-                    recompute: bool = False, **attention) -> TransformerConfig:
+                    recompute: bool = False, sequence_parallel: bool = False, **attention) -> TransformerConfig:
     """The language model's config; ``attention``: the family's attention options (default Qwen2.5: QKV bias,
-    no q/k norm; Qwen3-VL passes ``add_qkv_bias=False, qk_layernorm=True``)."""
+    no q/k norm; Qwen3-VL passes ``add_qkv_bias=False, qk_layernorm=True``). ``sequence_parallel`` splits the
+    activations between tensor-parallel blocks along the sequence (the vision towers never do: their configs are
+    separate and their window / per-image attention orders patches their own way)."""
     attention = {"add_qkv_bias": True, **attention}
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if spec.num_layers % pp:
@@ -43,7 +45,8 @@ def language_config(spec, *, params_dtype=torch.float32, fp8: str | None = None,
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
         num_query_groups=spec.num_kv_heads, ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
         layernorm_epsilon=spec.rms_eps, add_bias_linear=False, mrope_section=list(spec.mrope_section),
-        pipeline_model_parallel_size=pp, **attention, **_common(params_dtype, fp8, fp8_recipe, recompute),
+        pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel, **attention,
+        **_common(params_dtype, fp8, fp8_recipe, recompute),
     )
 
 

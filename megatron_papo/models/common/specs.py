@@ -4,19 +4,58 @@
 megatron's Transformer Engine layers (fused norm+linear, FP8-capable) and needs TE and a GPU. The vision towers
 keep SDPA core attention in both: their (window or per-image) attention needs arbitrary block-diagonal masks.
 A family picks its options (q/k norm in the language layers, the vision tower's norm), never a layer class.
+
+Norms: without apex or Transformer Engine megatron falls back to ``WrappedTorchNorm`` (torch LayerNorm/RMSNorm),
+which refuses sequence parallelism only because it does not tag its weights for the gradient sum over
+tensor-parallel ranks; :class:`TorchNorm` is the same torch norm with the tag, swapped in wherever the fallback
+would be used (apex's and TE's norms are kept: they tag their weights themselves).
 """
 
 from __future__ import annotations
 
 import copy
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 
 from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+class TorchNorm:
+    """torch LayerNorm/RMSNorm (``config.normalization``), as megatron's ``WrappedTorchNorm`` builds it, with its
+    parameters tagged ``sequence_parallel``: under sequence parallelism each tensor-parallel rank normalises part
+    of the sequence, and megatron's ``finalize_model_grads`` sums tagged gradients over the ranks."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms or config.layernorm_zero_centered_gamma:
+            return WrappedTorchNorm(config, hidden_size, eps, persist_layer_norm, zero_centered_gamma, normalization)
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def with_torch_norms(spec: ModuleSpec) -> ModuleSpec:
+    """``spec`` with :class:`TorchNorm` wherever megatron chose its torch fallback (in place; returned)."""
+    sub, attn = spec.submodules, spec.submodules.self_attention.submodules
+    for owner, name in ((sub, "input_layernorm"), (sub, "pre_mlp_layernorm"), (attn, "q_layernorm"),
+                        (attn, "k_layernorm")):
+        if getattr(owner, name, None) is WrappedTorchNorm:
+            setattr(owner, name, TorchNorm)
+    return spec
+
+
+def block_norm():
+    """The final norm of a language block: megatron's choice, with :class:`TorchNorm` for its torch fallback."""
+    return TorchNorm if LayerNormImpl is WrappedTorchNorm else LayerNormImpl
 
 
 def local_layer_spec(qk_layernorm: bool = False, normalization: str = "RMSNorm") -> ModuleSpec:
@@ -28,7 +67,7 @@ def local_layer_spec(qk_layernorm: bool = False, normalization: str = "RMSNorm")
     spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
     spec.submodules.self_attention.module = RopeCachingSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return with_torch_norms(spec)
 
 
 def te_layer_spec(qk_layernorm: bool = False) -> ModuleSpec:
@@ -70,6 +109,12 @@ def language_layer_spec(transformer_impl: str, qk_layernorm: bool = False) -> Mo
     if transformer_impl == "transformer_engine":
         return te_layer_spec(qk_layernorm)
     return local_layer_spec(qk_layernorm=qk_layernorm)
+
+
+def language_block_spec(transformer_impl: str, num_layers: int) -> TransformerBlockSubmodules:
+    """This pipeline stage's ``num_layers`` language layers and the block's final norm (:func:`block_norm`)."""
+    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(transformer_impl)] * num_layers,
+                                      layer_norm=block_norm())
 
 
 def vision_layer_spec(transformer_impl: str, normalization: str = "RMSNorm") -> ModuleSpec:

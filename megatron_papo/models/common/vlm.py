@@ -20,11 +20,12 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_papo.models.common.rope_index import get_packed_rope_index, get_rope_index
-from megatron_papo.models.common.specs import language_layer_spec, vision_layer_spec
+from megatron_papo.models.common.specs import language_block_spec, vision_layer_spec
 
 VOCAB_PAD_MULTIPLE = 128
 
@@ -48,9 +49,9 @@ class VLMBase(MegatronModule):
 
     def __init__(self, spec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str,
                  params_dtype: torch.dtype, freeze_vision: bool, pre_process: bool, post_process: bool,
-                 recompute: bool = False):
+                 recompute: bool = False, sequence_parallel: bool = False):
         lm_cfg = self.language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
-                                      recompute=recompute)
+                                      recompute=recompute, sequence_parallel=sequence_parallel)
         super().__init__(config=lm_cfg)
         self.spec = spec
         self.pre_process, self.post_process = pre_process, post_process
@@ -66,8 +67,8 @@ class VLMBase(MegatronModule):
                 self.vision.requires_grad_(False)
 
     def _layer_spec(self, transformer_impl: str, lm_cfg: TransformerConfig):
-        """This stage's decoder layer spec (a ModuleSpec, or per-layer TransformerBlockSubmodules)."""
-        return language_layer_spec(transformer_impl)
+        """This stage's decoder layers and final norm (TransformerBlockSubmodules)."""
+        return language_block_spec(transformer_impl, lm_cfg.num_layers // lm_cfg.pipeline_model_parallel_size)
 
     def _language_model(self, lm_cfg: TransformerConfig, layer_spec) -> GPTModel:
         spec = self.spec
@@ -75,7 +76,8 @@ class VLMBase(MegatronModule):
             config=lm_cfg, transformer_layer_spec=layer_spec, vocab_size=self.padded_vocab_size,
             max_sequence_length=spec.max_position_embeddings, pre_process=self.pre_process,
             post_process=self.post_process, share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            position_embedding_type="mrope", rotary_base=spec.rope_theta, parallel_output=True)
+            position_embedding_type="mrope", rotary_base=spec.rope_theta, parallel_output=True,
+            scatter_embedding_sequence_parallel=False)  # forward scatters, after the image features go in
 
     @property
     def share_embeddings_and_output_weights(self) -> bool:
@@ -146,6 +148,10 @@ class VLMBase(MegatronModule):
         """Keyword arguments for megatron's GPTModel.forward that carry ``context`` to the decoder layers."""
         return {}
 
+    def _sequence_parallel_split(self, decoder_input: torch.Tensor, context):
+        """This tensor-parallel rank's part of the sequence of the decoder input (and of the context)."""
+        return scatter_to_sequence_parallel_region(decoder_input), context
+
     def _stage_output(self, out: torch.Tensor, context) -> torch.Tensor:
         """What a stage before the last sends the next (its hidden states [s, b, h])."""
         return out
@@ -161,6 +167,8 @@ class VLMBase(MegatronModule):
         if position_ids is None:
             position_ids = self.position_ids(input_ids, image_grid_thw, packed_seq_params=packed_seq_params)
         decoder_input, context = self._stage_input(input_ids, pixel_values, image_grid_thw)
+        if decoder_input is not None and self.config.sequence_parallel:  # [s/tp, b, h] from here on
+            decoder_input, context = self._sequence_parallel_split(decoder_input, context)
         out = self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                   inference_context=inference_context, runtime_gather_output=runtime_gather_output,
                                   packed_seq_params=packed_seq_params, **self._block_kwargs(context))

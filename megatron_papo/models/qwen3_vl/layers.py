@@ -20,10 +20,10 @@ import copy
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
-from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_papo.models.common.specs import language_layer_spec
+from megatron_papo.models.common.specs import block_norm, language_layer_spec
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -74,4 +74,4 @@ def language_block_spec(transformer_impl: str, global_layers: range, slot_offset
             specs.append(ds)
         else:
             specs.append(base)
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=block_norm())

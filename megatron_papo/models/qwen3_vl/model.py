@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 from megatron.core.transformer import TransformerConfig
 
 from megatron_papo.models.common.vlm import VLMBase
@@ -101,6 +102,12 @@ class Qwen3VLModel(VLMBase):
         dense = emb.new_zeros(len(deepstack), *emb.shape)  # [K, s, b, h]
         dense[:, s_idx, b_idx] = torch.stack(deepstack).to(emb.dtype)
         return dense
+
+    def _sequence_parallel_split(self, decoder_input: torch.Tensor, features):
+        """[s/tp, b, h] and the deepstack features [K, s/tp, b, h] (None: no images)."""
+        if features is not None:
+            features = scatter_to_sequence_parallel_region(features.transpose(0, 1)).transpose(0, 1)
+        return scatter_to_sequence_parallel_region(decoder_input), features
 
     def _received_context(self):
         return self._received_features
