@@ -4,9 +4,10 @@ A capped call admits prompts as whole groups when rows finish, so rows decode at
 positions, cache writes, own-key masks, sampling steps). Against the uncapped engine on the same weights, at
 TP=1, TP=2 and PP=2 (one 2-rank spawn; TP=1 runs on both ranks as data-parallel replicas): token-identical
 greedy and sampled outputs, equal lengths, finish reasons and order, log-probs to float rounding; the scheduling
-counts show that refills really happened with rows at different steps and that the cap held. Also: megatron's
-own cache path runs in static waves under a cap, the admission rule, the config / settings errors, the memory
-plan with a cap, and the benchmark's smoke run.
+counts show that refills really happened with rows at different steps and that the cap held. The fixed-shape
+decode (static buffers and batch buckets: the CUDA-graph path, eager on CPU) equals it too. Also: megatron's
+own cache path runs in static waves under a cap, the admission rule, the bucket padding, the config / settings
+errors, the memory plan with a cap, and the benchmark's smoke run.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def _body(rank, world_size, hf_dir, prompts_raw):
             r[f"s{cap}"]["stats"] = dict(engine.last_stats)
             if cap in (0, 5):
                 r[f"g{cap}"] = _lists(engine.generate(prompts, 2, greedy, seed=0))
+        for cap in (0, 7):  # fixed-shape decode (the CUDA-graph path; eager on CPU)
+            engine = MegatronEngine(model, max_seq_len=40, eos_ids=EOS, max_rows=cap, fixed_shape=True)
+            r[f"fixed{cap}"] = _lists(engine.generate(prompts, 3, sampled, seed=11, row_offset=6))
+            r[f"fixed{cap}"]["stats"] = dict(engine.last_stats)
+        r["fixed_greedy"] = _lists(engine.generate(prompts, 2, greedy, seed=0))
         if tp == 1 and pp == 1:
             for cap in (0, 5):  # megatron's own cache (no sharing): static waves of cap // n prompts
                 engine = MegatronEngine(model, max_seq_len=40, eos_ids=EOS, max_rows=cap)
@@ -122,6 +128,32 @@ def test_megatron_cache_runs_static_waves_with_the_same_outputs(results):
     r = results[0]["tp1pp1"]
     _same(r["megatron5"], r["megatron0"])
     _same(r["megatron0"], r["s0"])
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1", "tp2pp1", "tp1pp2"])
+def test_fixed_shape_decode_equals_the_normal_path(results, layout):
+    r = results[0][layout]
+    for cap in (0, 7):
+        _same(r[f"fixed{cap}"], r["s0"])
+        stats = r[f"fixed{cap}"]["stats"]
+        assert stats["graph_steps"] == 0, stats  # no graphs on CPU: every step ran eagerly
+        assert stats["row_steps"] % 3 == 0 and stats["peak_rows"] <= (cap or 18), stats  # whole groups per step
+    assert r["fixed7"]["stats"]["admissions"] > 1
+    _same(r["fixed_greedy"], r["g0"])
+
+
+def test_fixed_shape_buckets_pad_to_whole_groups():
+    from megatron_papo.rollout.graph_decode import group_buckets, step_rows
+
+    assert group_buckets(3).sizes == [1, 2, 3]  # GraphBuckets' 1, 2, 8 cut to the 3 slots there are
+    six = group_buckets(6)
+    assert six.sizes == [1, 2, 4, 6]
+    free = [False] * 6
+    assert step_rows(free, 3, six) == 0  # nothing to run
+    for top, rows in [(0, 3), (1, 6), (2, 12), (3, 12), (4, 18), (5, 18)]:
+        occupied = [g == top for g in range(6)]
+        assert step_rows(occupied, 3, six) == rows, top
+    assert step_rows([True, False, True, False, False, False], 3, six) == 12  # the highest slot decides
 
 
 def test_slots_admit_whole_groups_within_the_cap():

@@ -34,6 +34,7 @@ from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttentio
 from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.fast_decode import packed_linears
+from megatron_papo.rollout.graph_decode import FixedShapeDecoder
 from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
@@ -61,12 +62,15 @@ class MegatronEngine:
     packed_weights: on CPU, run the linear layers on weights prepacked once per call (``fast_decode``);
     banned_ids: tokens never sampled (default: the model's image and vision-start tokens, which a response
     cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features);
-    max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n).
+    max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n);
+    fixed_shape: decode on fixed-size buffers (``rollout.graph_decode``), each step captured as a CUDA graph per
+    batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions).
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
-                 compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0):
+                 compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0,
+                 fixed_shape: bool = False):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -91,6 +95,10 @@ class MegatronEngine:
         self.compact_fraction = compact_fraction
         self.packed_weights = packed_weights  # CPU: matmuls on weights prepacked once per call (fast_decode)
         self.max_rows = max_rows  # rows in flight at most (0: every row of a call at once)
+        if fixed_shape and not self.shared_cache:
+            raise ValueError("MegatronEngine: fixed_shape decode needs the shared-prompt cache (the local layer "
+                             "spec's attention); use fixed_shape=False with this spec")
+        self.fixed_shape = fixed_shape  # decode on fixed buffers, CUDA graphs per bucket (rollout.graph_decode)
         self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
@@ -115,7 +123,9 @@ class MegatronEngine:
         with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model), packed_linears(
                 self.stages.model.language_model, rows, self.packed_weights):  # fp8 off: unaligned counts
             batch = self._layout(prompts, n, params.max_new_tokens)
-            if self.shared_cache:
+            if self.fixed_shape:
+                decoder = FixedShapeDecoder(self, prompts, batch, n, self.max_rows)
+            elif self.shared_cache:
                 decoder = ContinuousDecoder(self, prompts, batch, n, self.max_rows)
             else:
                 decoder = _StaticDecoder(self, prompts, batch, n)

@@ -81,7 +81,6 @@ class ContinuousDecoder:
         self.L = batch.ids.shape[1]
         self.T = batch.real.shape[1] - self.L
         self.slots = Slots(len(prompts), n, max_rows)
-        self.zeros = self.slots.cap < len(prompts) * n  # refills: rows at different steps read masked positions
         self.ctx: SharedPrefixContext | None = None
         self.run = Running.empty()
         # admissions (prefill rounds), decode forwards, rows they computed, of them rows already finished,
@@ -129,7 +128,9 @@ class ContinuousDecoder:
         sub = type(b)(b.ids[sel], b.positions[:, rows], b.real[rows], b.limits[rows], b.padded)
         pre = SharedPrefixContext(max_batch_size=len(new), max_sequence_length=self.L)
         logits = self.engine._prefill([self.prompts[i] for i in new], sub, pre)  # [k, Vs] on the last stage
-        pre.share_prefix(self.L, self.n, sub.real[::self.n, :self.L], self.T, zeros=self.zeros)
+        # zeroed: rows at different steps (refills, or finished rows frozen at their last step) read positions
+        # past their own step, masked; never-written memory could hold a NaN, and NaN x 0 is NaN
+        pre.share_prefix(self.L, self.n, sub.real[::self.n, :self.L], self.T, zeros=True)
         if self.ctx is None or not self.ctx.row_counts:
             self.ctx = pre
         else:
