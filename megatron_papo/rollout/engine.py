@@ -64,13 +64,14 @@ class MegatronEngine:
     cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features);
     max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n);
     fixed_shape: decode on fixed-size buffers (``rollout.graph_decode``), each step captured as a CUDA graph per
-    batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions).
+    batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions);
+    cuda_graphs: with fixed_shape, whether to capture (False: the same fixed-shape steps, eager).
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
                  compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0,
-                 fixed_shape: bool = False):
+                 fixed_shape: bool = False, cuda_graphs: bool = True):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -99,6 +100,7 @@ class MegatronEngine:
             raise ValueError("MegatronEngine: fixed_shape decode needs the shared-prompt cache (the local layer "
                              "spec's attention); use fixed_shape=False with this spec")
         self.fixed_shape = fixed_shape  # decode on fixed buffers, CUDA graphs per bucket (rollout.graph_decode)
+        self.cuda_graphs = cuda_graphs  # fixed_shape: capture the steps where the device can (False: eager)
         self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
@@ -124,7 +126,7 @@ class MegatronEngine:
                 self.stages.model.language_model, rows, self.packed_weights):  # fp8 off: unaligned counts
             batch = self._layout(prompts, n, params.max_new_tokens)
             if self.fixed_shape:
-                decoder = FixedShapeDecoder(self, prompts, batch, n, self.max_rows)
+                decoder = FixedShapeDecoder(self, prompts, batch, n, self.max_rows, graphs=self.cuda_graphs)
             elif self.shared_cache:
                 decoder = ContinuousDecoder(self, prompts, batch, n, self.max_rows)
             else:
