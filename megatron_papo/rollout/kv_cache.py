@@ -13,6 +13,11 @@ changes, both used through ``megatron_papo.models.attention.RopeCachingSelfAtten
 The trainer's scoring pass (``megatron_papo.training.scoring``) uses the same context: one prefill of each
 distinct prompt, then all response tokens of all rows in one forward (``decode_kv`` with sq = T).
 
+Rows at different steps (continuous batching, ``rollout.scheduler``; fixed-shape decode): ``set_row_steps``
+makes a step write each row's key at its own response index and mask the row's own keys past it.
+``RunningContext`` is the generation cache for that: room for a row cap allocated once, prompts admitted into
+it and finished rows compacted in place.
+
 Legend: P prompts, N sample rows (b active), L padded prompt length, T most new tokens, ng query groups on this
 rank, hn head dim.
 """
@@ -44,10 +49,9 @@ class SharedPrefixContext(StaticInferenceContext):
     def shares_prefix(self) -> bool:
         return self.prefix is not None
 
-    def share_prefix(self, prompt_len: int, n, keep: torch.Tensor, max_new: int, zeros: bool = False) -> None:
+    def share_prefix(self, prompt_len: int, n, keep: torch.Tensor, max_new: int) -> None:
         """After the prefill: keep each prompt's cache once ([P, ng, L, hn]) and make room for n rows each
-        (``n`` an int, or a list of rows per prompt); ``zeros``: the rows' cache starts zeroed (needed when
-        rows at different steps read masked positions: an uninitialised NaN times a zero weight is NaN)."""
+        (``n`` an int, or a list of rows per prompt)."""
         dev = next(iter(self.key_value_memory_dict.values()))[0].device if self.key_value_memory_dict else None
         self.prefix, self.prefix_len, self.prefix_keep = {}, prompt_len, keep.to(dev) if dev else keep
         self.prefix_padded = bool((~keep).any())  # once per call, not per layer and step
@@ -56,19 +60,7 @@ class SharedPrefixContext(StaticInferenceContext):
         for layer, (k, v) in list(self.key_value_memory_dict.items()):  # [L + T, P, ng, hn]
             self.prefix[layer] = tuple(t[:prompt_len].permute(1, 2, 0, 3).contiguous() for t in (k, v))
             shape = (sum(self.row_counts), k.shape[2], max_new, k.shape[3])
-            new = k.new_zeros if zeros else k.new_empty
-            self.key_value_memory_dict[layer] = (new(shape), new(shape))  # [N, ng, T, hn]
-
-    def extend(self, other: "SharedPrefixContext") -> None:
-        """Append ``other``'s prompts and rows (prefilled later, same prompt length and T) after this context's:
-        the waiting prompts that continuous batching admits join the running batch."""
-        self.prefix_keep = torch.cat([self.prefix_keep, other.prefix_keep])
-        self.prefix_padded = self.prefix_padded or other.prefix_padded
-        self.row_counts = self.row_counts + other.row_counts
-        for layer in list(self.key_value_memory_dict):
-            self.prefix[layer] = tuple(torch.cat(p) for p in zip(self.prefix[layer], other.prefix[layer]))
-            own = zip(self.key_value_memory_dict[layer], other.key_value_memory_dict[layer])
-            self.key_value_memory_dict[layer] = tuple(torch.cat(o) for o in own)
+            self.key_value_memory_dict[layer] = (k.new_empty(shape), v.new_empty(shape))  # [N, ng, T, hn]
 
     def keep_rows(self, keep: torch.Tensor, row_prompt: torch.Tensor | None = None) -> None:
         """Drop finished rows: new row r = old row keep[r] (keep ascending, so rows stay prompt-major); prompts
@@ -110,3 +102,64 @@ class SharedPrefixContext(StaticInferenceContext):
         v[:, :, t:t + sq] = value.permute(1, 2, 0, 3)
         return SharedPrefixKV(pk, pv, self.prefix_keep, self.row_counts, k[:, :, :t + sq], v[:, :, :t + sq],
                               self.prefix_padded)
+
+
+class RunningContext(SharedPrefixContext):
+    """The continuous-batching cache (``rollout.scheduler``): room for ``rows`` rows and ``prompts`` prompts,
+    allocated once (zeros, so masked reads stay finite) on the first admission; the running rows and their prompts
+    sit at the front, prompt-major. Admitting copies a prefill in behind them; compaction moves the kept rows
+    forward in place (only the ``width`` response positions written so far), so neither re-allocates the cache.
+    ``prefix`` / ``key_value_memory_dict`` / ``prefix_keep`` are views of the occupied part."""
+
+    def __init__(self, rows: int, prompts: int, prompt_len: int, max_new: int):
+        super().__init__(max_batch_size=prompts, max_sequence_length=prompt_len + max_new)
+        self.cap_rows, self.cap_prompts, self.prefix_len, self.max_new = rows, prompts, prompt_len, max_new
+        self.prefix, self.prefix_padded, self.rows = {}, False, 0
+        self._store: dict = {}  # layer -> (prefix K, prefix V [prompts, ng, L, hn], own K, own V [rows, ng, T, hn])
+        self._keep = None  # [prompts, L] bool
+
+    def admit(self, pre: StaticInferenceContext, keep: torch.Tensor, n: int) -> None:
+        """Append the k prompts prefilled in ``pre`` (cache ``[L, k, ng, hn]`` per layer; ``keep`` [k, L]) with n
+        rows each (their response positions are written by their own steps before they are read)."""
+        k, p0, L = keep.shape[0], len(self.row_counts), self.prefix_len
+        if p0 + k > self.cap_prompts or self.rows + k * n > self.cap_rows:
+            raise ValueError(f"RunningContext overflow: {p0 + k} prompts / {self.rows + k * n} rows exceed the "
+                             f"room for {self.cap_prompts} / {self.cap_rows}")
+        for layer, (key, value) in pre.key_value_memory_dict.items():
+            if layer not in self._store:
+                ng, hn = key.shape[2], key.shape[3]
+                pre_shape, own_shape = (self.cap_prompts, ng, L, hn), (self.cap_rows, ng, self.max_new, hn)
+                self._store[layer] = (key.new_zeros(pre_shape), value.new_zeros(pre_shape),
+                                      key.new_zeros(own_shape), value.new_zeros(own_shape))
+            pk, pv = self._store[layer][:2]
+            pk[p0:p0 + k], pv[p0:p0 + k] = key[:L].permute(1, 2, 0, 3), value[:L].permute(1, 2, 0, 3)
+        if self._keep is None:
+            self._keep = torch.ones(self.cap_prompts, L, dtype=torch.bool, device=keep.device)
+        self._keep[p0:p0 + k] = keep
+        self.prefix_padded = self.prefix_padded or bool((~keep).any())
+        self.row_counts, self.rows = self.row_counts + [n] * k, self.rows + k * n
+        self._views()
+
+    def keep_rows(self, keep: torch.Tensor, row_prompt: torch.Tensor | None = None, width: int | None = None) -> None:
+        """Drop finished rows: new row r = old row keep[r] (ascending); prompts left without rows drop their
+        keys; ``width``: response positions written so far (default all)."""
+        counts = torch.tensor(self.row_counts)
+        local = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [b] prompt of each row
+        new_counts = torch.bincount(local[keep.cpu()], minlength=len(counts))
+        live = (new_counts > 0).nonzero().squeeze(-1)
+        w, m, q = width or self.max_new, len(keep), len(live)
+        for pk, pv, k, v in self._store.values():
+            idx = keep.to(k.device)
+            k[:m, :, :w], v[:m, :, :w] = k[idx, :, :w], v[idx, :, :w]  # gathered first, then written
+            if q < len(counts):
+                pk[:q], pv[:q] = pk[live.to(pk.device)], pv[live.to(pv.device)]
+        if q < len(counts):
+            self._keep[:q] = self._keep[live.to(self._keep.device)]
+        self.row_counts, self.rows = new_counts[live].tolist(), m
+        self._views()
+
+    def _views(self) -> None:
+        p, b = len(self.row_counts), self.rows
+        for layer, (pk, pv, k, v) in self._store.items():
+            self.prefix[layer], self.key_value_memory_dict[layer] = (pk[:p], pv[:p]), (k[:b], v[:b])
+        self.prefix_keep = self._keep[:p]

@@ -2,12 +2,12 @@
 
 With ``max_rows`` (``rollout.max_batch_rows``) at most that many rows are in the KV cache at once. Prompts wait in
 call order; whenever the rows still generating leave room for a whole prompt group (n rows), the next waiting
-prompts are prefilled (``SharedPrefixContext`` of their own, then ``extend``-ed onto the running one) and their
-rows join the running batch at step 0 while the others go on. Each row therefore has its own step t_r: its new
-key goes to response index t_r of its cache row, its attention reads its own keys up to t_r (a per-row mask,
-``SharedPrefixKV.own_len``), its position is the prompt's continued M-RoPE position at t_r, and its token is drawn
-with ``step = t_r``. Row ids stay ``row_offset + prompt * n + sample`` whatever the admission order, and the
-counter-based draws depend on (seed, row id, step) only, so a capped call returns what an uncapped one does.
+prompts are prefilled (a ``SharedPrefixContext`` of their own, copied into the running ``RunningContext``) and
+their rows join the running batch at step 0 while the others go on. Each row therefore has its own step t_r:
+its new key goes to response index t_r of its cache row, its attention reads its own keys up to t_r (a per-row
+mask, ``SharedPrefixKV.own_len``), its position is the prompt's continued M-RoPE position at t_r, and its token
+is drawn with ``step = t_r``. Row ids stay ``row_offset + prompt * n + sample`` whatever the admission order, and
+the counter-based draws depend on (seed, row id, step) only, so a capped call returns what an uncapped one does.
 
 Without a cap (0) every prompt is admitted at once and every row steps together: the static batch as before.
 A finished row keeps its cache row (frozen at its last step, its further draws ignored) until compaction drops
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_papo.rollout.base import RolloutOutput
-from megatron_papo.rollout.kv_cache import SharedPrefixContext
+from megatron_papo.rollout.kv_cache import RunningContext, SharedPrefixContext
 
 
 class Slots:
@@ -81,7 +81,9 @@ class ContinuousDecoder:
         self.L = batch.ids.shape[1]
         self.T = batch.real.shape[1] - self.L
         self.slots = Slots(len(prompts), n, max_rows)
-        self.ctx: SharedPrefixContext | None = None
+        cap = min(self.slots.cap, len(prompts) * n)
+        # prompts held at most: each has a row left, and a group joins only when n slots are free
+        self.ctx = RunningContext(cap, min(len(prompts), cap - n + 1), self.L, self.T)
         self.run = Running.empty()
         # admissions (prefill rounds), decode forwards, rows they computed, of them rows already finished,
         # forwards with rows at different steps, most rows in the cache at once
@@ -128,13 +130,7 @@ class ContinuousDecoder:
         sub = type(b)(b.ids[sel], b.positions[:, rows], b.real[rows], b.limits[rows], b.padded)
         pre = SharedPrefixContext(max_batch_size=len(new), max_sequence_length=self.L)
         logits = self.engine._prefill([self.prompts[i] for i in new], sub, pre)  # [k, Vs] on the last stage
-        # zeroed: rows at different steps (refills, or finished rows frozen at their last step) read positions
-        # past their own step, masked; never-written memory could hold a NaN, and NaN x 0 is NaN
-        pre.share_prefix(self.L, self.n, sub.real[::self.n, :self.L], self.T, zeros=True)
-        if self.ctx is None or not self.ctx.row_counts:
-            self.ctx = pre
-        else:
-            self.ctx.extend(pre)
+        self.ctx.admit(pre, sub.real[::self.n, :self.L], self.n)
         self.run.join(rows, None if logits is None else logits.repeat_interleave(self.n, dim=0))
         self.stats["admissions"] += 1
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(self.run.rows))
@@ -148,7 +144,7 @@ class ContinuousDecoder:
         if dead < max(1, int(self.engine.compact_fraction * len(run.rows))) and not self.slots.room(alive):
             return tok
         keep = run.alive.nonzero().squeeze(-1)
-        self.ctx.keep_rows(keep)
+        self.ctx.keep_rows(keep, width=int(run.steps.max()) + 1)  # written so far: positions < each row's step
         run.select(keep)
         return tok[keep]
 
