@@ -214,3 +214,38 @@ def test_benchmark_smoke(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last.startswith("ratio=") and float(last.split("=")[1]) > 0, out.stdout
+
+
+def test_per_row_own_lengths_against_float64_attention():
+    """SDPAttention on a SharedPrefixKV with own_len: each row attends to its prompt's real keys and its first
+    own_len[i] own keys, nothing else (plain float64 softmax attention per row, GQA by repeating K/V)."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_papo.models.attention import SDPAttention, SharedPrefixKV
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16)
+    attn = SDPAttention(cfg, 1, AttnMaskType.no_mask, "self", pg_collection=SimpleNamespace(tp=SimpleNamespace(
+        size=lambda: 1)))
+    g = torch.Generator().manual_seed(0)
+    counts, L, T, hn = [3, 1, 2], 5, 7, 16  # rows per prompt (prompt-major), prompt length, own positions
+    b, P = sum(counts), len(counts)
+    q = torch.randn(1, b, 4, hn, generator=g)
+    pk, pv = torch.randn(P, 2, L, hn, generator=g), torch.randn(P, 2, L, hn, generator=g)
+    keep = torch.ones(P, L, dtype=torch.bool)
+    keep[1, :2] = False  # prompt 1 is left-padded
+    ok, ov = torch.randn(b, 2, T, hn, generator=g), torch.randn(b, 2, T, hn, generator=g)
+    own_len = torch.tensor([1, 4, 7, 2, 3, 5])
+    late = (torch.arange(T)[None, :] >= own_len[:, None])[:, None, :, None]  # [b, 1, T, 1]
+    ok.masked_fill_(late, 1e3), ov.masked_fill_(late, 1e3)  # past each row's step: would dominate if read
+    got = attn(q, SharedPrefixKV(pk, pv, keep, counts, ok, ov, True, own_len=own_len),
+               None, None, None)[0].reshape(b, 4, hn)
+    prompt = torch.repeat_interleave(torch.arange(P), torch.tensor(counts))
+    for i in range(b):
+        p, n_own = int(prompt[i]), int(own_len[i])
+        k = torch.cat([pk[p][:, keep[p]], ok[i, :, :n_own]], 1).double().repeat_interleave(2, 0)  # [4, s, hn]
+        v = torch.cat([pv[p][:, keep[p]], ov[i, :, :n_own]], 1).double().repeat_interleave(2, 0)
+        w = torch.softmax(q[0, i].double()[:, None] @ k.transpose(-1, -2) / hn ** 0.5, -1)  # [4, 1, s]
+        torch.testing.assert_close(got[i].double(), (w @ v)[:, 0], atol=1e-5, rtol=1e-5)
