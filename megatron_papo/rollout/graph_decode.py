@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from megatron_papo.models.attention import SharedPrefixKV
-from megatron_papo.platform.decode_accel import GraphBuckets, capture
+from megatron_papo.platform.decode_accel import GraphBuckets, capture, graph_pool
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.scheduler import Slots
 
@@ -106,6 +106,7 @@ class FixedShapeDecoder:
         self.steps_in = torch.zeros(R, dtype=torch.long, device=dev)
         self.logits = None  # [R, Vs] on the last stage
         self.graphs = {} if graphs and engine.stages.pp_size == 1 else None  # bucket rows -> replay | None
+        self.pool = graph_pool(dev) if self.graphs is not None else None  # one pool for the loop's graphs
         self.stats = dict(admissions=0, steps=0, row_steps=0, wasted_row_steps=0, mixed_steps=0, peak_rows=0,
                           graph_steps=0)
 
@@ -180,6 +181,7 @@ class FixedShapeDecoder:
         st = self.stats
         st["steps"], st["row_steps"] = st["steps"] + 1, st["row_steps"] + b
         st["wasted_row_steps"] += b - int(self.alive[:b].sum())
+        st["mixed_steps"] += int(self.steps[:b].min() != self.steps[:b].max())
         run = self._graph(b)
         out = run() if run is not None else self._eager(b)
         if out is not None:
@@ -193,7 +195,7 @@ class FixedShapeDecoder:
         if self.graphs is None:
             return None
         if b not in self.graphs:
-            self.graphs[b] = capture(lambda: self._eager(b), self.engine.stages.device)
+            self.graphs[b] = capture(lambda: self._eager(b), self.engine.stages.device, pool=self.pool)
         if self.graphs[b] is not None:
             self.stats["graph_steps"] += 1
         return self.graphs[b]
