@@ -35,9 +35,9 @@ from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.fast_decode import packed_linears
 from megatron_papo.rollout.graph_decode import FixedShapeDecoder
-from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
+from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
 
 _EOS, _STOP, _LENGTH = 1, 2, 3
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
