@@ -105,6 +105,9 @@ class RolloutConfig:
     # recompute the old log-probs with a training forward instead of taking the rollout engine's (with top_p < 1
     # or top_k > 0 they are always recomputed: the sampling distribution is then not the policy's)
     recompute_old_logprobs: bool = False
+    # rows in flight in the rollout engine at most, KV cache included; prompts wait and join as rows finish
+    # (continuous batching; same outputs); 0: every row of a step at once; else >= rollout.n
+    max_batch_rows: int = 0
 
 
 @dataclass
@@ -474,6 +477,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature must be >= 0 (0: greedy), got {cfg.rollout.temperature}")
+    if not (cfg.rollout.max_batch_rows == 0 or cfg.rollout.max_batch_rows >= cfg.rollout.n):
+        raise ConfigError(f"rollout.max_batch_rows must be 0 (no cap) or >= rollout.n ({cfg.rollout.n}: a prompt's "
+                          f"rows run together), got {cfg.rollout.max_batch_rows}")
     if not 0.0 <= cfg.algorithm.mask_ratio <= 1.0:
         raise ConfigError(f"algorithm.mask_ratio must be in [0, 1], got {cfg.algorithm.mask_ratio}")
     a = cfg.algorithm

@@ -128,6 +128,9 @@ class SDPAttention(MegatronModule):
             causal = torch.ones(sq, t, dtype=torch.bool, device=q.device).tril(diagonal=t - sq)  # [sq, t]
             causal = causal.repeat_interleave(rep, dim=0)  # [sq*rep, t], query-major like q
             s_own = s_own.masked_fill(~causal, float("-inf"))
+        elif kv.own_len is not None:  # rows at different response steps: row i has own_len[i] keys so far
+            late = torch.arange(s_own.shape[-1], device=q.device) >= kv.own_len[:, None, None, None]
+            s_own = s_own.masked_fill(late, float("-inf"))  # [b, 1, 1, t] mask over [b, ng, rep, t]
         m_own = s_own.amax(-1, keepdim=True)
         e_own = torch.exp(s_own - m_own)
         sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, sq*rep, 1|hn]
@@ -179,7 +182,9 @@ class SharedPrefixKV:
 
     prefix_key / prefix_value ``[P, ng, L, hn]`` (keys rotated), prefix_keep ``[P, L]`` bool (False on left
     padding), row_counts: rows per prompt (rows are prompt-major), own_key / own_value ``[b, ng, t, hn]``: each
-    row's response so far, the current token(s) included. Built by ``megatron_papo.rollout.kv_cache``.
+    row's response so far, the current token(s) included; with ``own_len`` (rows at different steps: continuous
+    batching, fixed-shape decode) row i's first own_len[i] keys only, the rest masked.
+    Built by ``megatron_papo.rollout.kv_cache``.
     """
 
     prefix_key: torch.Tensor
@@ -189,6 +194,7 @@ class SharedPrefixKV:
     own_key: torch.Tensor
     own_value: torch.Tensor
     prefix_padded: bool = True  # False: every prompt position is a real token (no mask to apply)
+    own_len: Optional[torch.Tensor] = None  # [b] int64 own keys of each row (None: all t; decoding only)
 
 
 class RopeCachingSelfAttention(SelfAttention):

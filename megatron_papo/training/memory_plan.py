@@ -7,10 +7,11 @@ weights. On top, one phase at a time:
 - update: the activations of the micro-batches in flight (1F1B keeps ``pp - stage`` of them on a stage), with
   full recomputation only each layer's input plus one layer's activations, and on the last stage the logits and
   their gradient;
-- rollout: the engine's KV cache for all of the rank's prompts at once (the prefill's ``prompts x (prompt +
-  response)`` positions, then each prompt's keys once and its n rows' response keys apart: ``prompts x prompt +
-  rows x response``; the larger of the two, x layers x KV heads / TP x head dim x 2 x dtype) and one prefill
-  chunk's working set.
+- rollout: the engine's KV cache: each prompt's keys once and its n rows' response keys apart, ``prompts x prompt
+  + rows x response`` positions x layers x KV heads / TP x head dim x 2 x dtype, for all of the rank's prompts
+  at once, or with a row cap (``rollout.max_batch_rows``) for the rows in flight: at most ``cap`` rows, and at
+  most ``cap - n + 1`` prompts (every prompt held has a row left, and a prompt joins only when n slots are
+  free); plus one prefill chunk's working set.
 
 Activations per token and layer (elements, not bytes) were measured on megatron's local layer spec (what its
 autograd saves: both RMSNorms' input, normalised value and output, QKV and rotated Q/K, the core-attention output
@@ -141,9 +142,11 @@ def _vision_activations(cfg: Config, spec, tp: int, rows_mb: float) -> float:
 
 
 def _kv_cache(cfg: Config, spec, dp: int, layers: int, tp: int, pb: int) -> float:
-    prompts = cfg.training.prompts_per_step // dp
-    rows, lp, t = prompts * cfg.rollout.n, prompt_tokens(cfg), cfg.rollout.max_new_tokens
-    positions = max(prompts * (lp + t), prompts * lp + rows * t)   # prefill cache, then prompts once + rows
+    prompts, n, cap = cfg.training.prompts_per_step // dp, cfg.rollout.n, cfg.rollout.max_batch_rows
+    rows, lp, t = prompts * n, prompt_tokens(cfg), cfg.rollout.max_new_tokens
+    if cap:  # the rows in flight, and the prompts they (or a just admitted group) belong to
+        prompts, rows = min(prompts, cap - n + 1), min(rows, cap)
+    positions = prompts * lp + rows * t   # each prompt's keys once + each row's response keys
     return layers * 2 * max(spec.num_kv_heads / tp, 1.0) * spec.head_dim * pb * positions
 
 
@@ -153,6 +156,8 @@ def _prefill(cfg: Config, spec, tp: int, pb: int, chunk: int = 8) -> float:
     lp = prompt_tokens(cfg)
     work = chunk * lp * (4 * spec.hidden_size + 3 * spec.intermediate_size / tp) * pb + chunk * lp * lp
     rows = cfg.training.prompts_per_step * cfg.rollout.n
+    if cfg.rollout.max_batch_rows:
+        rows = min(rows, cfg.rollout.max_batch_rows)
     return work + rows * padded_vocab_size(spec.vocab_size) / tp * 4
 
 
@@ -175,7 +180,9 @@ def fitting_knob(cfg: Config, dp: int, spec=None) -> Optional[str]:
 
 
 def _knobs(cfg: Config, dp: int) -> list[dict]:
-    t, p = cfg.training, cfg.parallel
+    """Cheapest first: recomputation, the optimizer's sharding, smaller micro-batches, a rollout row cap (each
+    alone, then with recomputation), and only then a larger TP or PP (fewer data-parallel replicas)."""
+    t, p, r = cfg.training, cfg.parallel, cfg.rollout
     single = [{"model.recompute": True}] if not cfg.model.recompute else []
     if dp > 1 and not cfg.optimizer.use_distributed_optimizer:
         single.append({"optimizer.use_distributed_optimizer": True})
@@ -185,11 +192,18 @@ def _knobs(cfg: Config, dp: int) -> list[dict]:
                    (t.max_tokens_per_micro_batch // 2, t.max_tokens_per_micro_batch // 4) if v >= longest]
     else:
         single += [{"training.micro_batch_size": v} for v in range(t.micro_batch_size - 1, 0, -1)]
+    rows = t.prompts_per_step // dp * r.n
+    for part in (2, 3, 4, 6, 8):  # a cap of about 1/part of the rank's rows, whole prompt groups
+        cap = rows // part // r.n * r.n
+        if r.n <= cap and (not r.max_batch_rows or cap < r.max_batch_rows):
+            single.append({"rollout.max_batch_rows": cap})
+    layout = []
     for size in (2, 4, 8):
-        single.append({"parallel.tensor_model_parallel_size": p.tensor_model_parallel_size * size})
-        single.append({"parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size * size})
-    both = [{"model.recompute": True, **k} for k in single[1:]] if single and not cfg.model.recompute else []
-    return single + both
+        layout.append({"parallel.tensor_model_parallel_size": p.tensor_model_parallel_size * size})
+        layout.append({"parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size * size})
+    recompute = not cfg.model.recompute
+    both = [{"model.recompute": True, **k} for k in single[1:]] if single and recompute else []
+    return single + both + layout + ([{"model.recompute": True, **k} for k in layout] if recompute else [])
 
 
 def _with(cfg: Config, sets: dict, dp: int) -> tuple[Config, int]:
