@@ -81,19 +81,21 @@ def test_shared_prefix_attention_equals_float64_reference(monkeypatch, counts, s
     elif attention._CPU_FLASH is None:
         pytest.skip("this torch build has no fused CPU attention kernel")
     query, kv = _case(counts, sq, padded)
-    got = _attention()(query, kv, kv, None)
+    with torch.no_grad():  # as the engine and scoring run it (the fused kernel is for inference)
+        got = _attention()(query, kv, kv, None)
     assert got.shape == (sq, sum(counts), NG * REP * HN) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _reference(query, kv), atol=2e-6, rtol=2e-6)
 
 
-def test_softmax_part_log_sum_exp_equals_float64():
+def test_softmax_part_log_sum_exp_equals_float64():  # fused kernel (no grad); the plain formula is above
     from megatron_papo.models.attention import softmax_part
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, NG, 4, HN, generator=g) for _ in range(3))
     bias = torch.zeros(2, 1, 1, 4)
     bias[0, ..., :2] = float("-inf")
-    out, lse = softmax_part(q, k, v, 0.5, bias)
+    with torch.no_grad():
+        out, lse = softmax_part(q, k, v, 0.5, bias)
     s = 0.5 * q.double() @ k.double().transpose(-1, -2) + bias.double()
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ v.double(), atol=1e-6, rtol=1e-6)

@@ -17,7 +17,9 @@ table then covers just them). A context that also ``shares_prefix`` (``megatron_
 each prompt's keys once for its n samples and hands ``SDPAttention`` a ``SharedPrefixKV`` at decode. Without
 the opt-in (training, other callers) it is megatron's module unchanged.
 
-Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim.
+Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim;
+shared-prompt attention: P prompts, L prompt length, t own (response) keys of a row, rep = np/ng, w a row's
+queries per group (rep x sq), B the batch of one attention part, s its keys.
 """
 
 from __future__ import annotations
@@ -177,10 +179,11 @@ def softmax_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     [B|1, 1, w|1, s] (-inf = masked): (output [B, ng, w, hn], log-sum-exp [B, ng, w] of the scaled scores).
 
     On CPU one fused kernel (PyTorch's flash attention for CPU, which returns the log-sum-exp) reads each key
-    block once, with no score tensor in memory and no separate max / exp / sum passes; elsewhere the same
-    formula in plain ops. Every query must have at least one unmasked key.
+    block once, with no score tensor in memory and no separate max / exp / sum passes; elsewhere, and with
+    autograd on (that kernel's log-sum-exp carries no gradient), the same formula in plain ops. Every query must
+    have at least one unmasked key.
     """
-    if q.device.type == "cpu" and _CPU_FLASH is not None:
+    if q.device.type == "cpu" and _CPU_FLASH is not None and not torch.is_grad_enabled():
         return _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
     s = (q * scale) @ k.transpose(-1, -2)  # [B, ng, w, s]
     if bias is not None:
