@@ -5,7 +5,8 @@ stack of open parts and charge each part its own (exclusive) CPU time: a transfo
 residual adds and dispatch only, its attention and MLP are their own rows, and so on. The engine's sampling
 (``_pick``) and its decode loop are wrapped the same way; what the loop spends outside the model and the
 sampler is its bookkeeping. Process CPU time (``time.process_time``), not wall-clock, so other processes on a
-shared machine inflate it much less. Only the decode steps are counted (the prefill runs before the loop).
+shared machine inflate it much less. Only the decode steps are counted in the table; the prefill (which runs
+before the loop) is timed as a whole (``prefill_seconds``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class StepProfile:
         self.stack: list[list] = []  # [category, start, seconds of children]
         self.active = False
         self.steps = 0
+        self.prefill_seconds = 0.0  # CPU seconds of the engine's prefills inside the block
 
     def enter(self, category: str) -> None:
         if self.active:
@@ -103,14 +105,23 @@ def profile_decode(engine):
             prof.leave()
             prof.active = False
 
-    engine._decode = profiled_decode
+    prefill = engine._prefill
+
+    def timed_prefill(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return prefill(*args, **kwargs)
+        finally:
+            prof.prefill_seconds += time.process_time() - start
+
+    engine._decode, engine._prefill = profiled_decode, timed_prefill
     _wrap(engine, "_pick", prof, "sampling (+ broadcast to stages)", on_call=lambda: _count(prof))
     try:
         yield prof
     finally:
         for h in handles:
             h.remove()
-        for attr in ("_decode", "_pick"):
+        for attr in ("_decode", "_pick", "_prefill"):
             delattr(engine, attr)
 
 

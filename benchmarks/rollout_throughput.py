@@ -211,6 +211,9 @@ def _print_profile(engine, ids, args):
         print(f"  {c:<56}{b_ms:>9.2f} {b_sh:>7.1%}{ms:>9.2f} {sh:>7.1%}")
     totals = [sum(ms for _, ms, _ in results[k].table()) for k in (False, True)]
     print(f"  {'step total':<56}{totals[0]:>9.2f} {'':>7}{totals[1]:>9.2f}")
+    pre = [1e3 * results[k].prefill_seconds for k in (False, True)]
+    print(f"  {f'prefill ({args.prompts} prompts x {args.prompt_len} tokens; packing incl.), ms per call':<56}"
+          f"{pre[0]:>9.1f} {'':>7}{pre[1]:>9.1f}")
 
 
 def _print_table(entries, args):

@@ -72,12 +72,42 @@ def _body(rank, world_size, hf_dir, prompts_raw):
     out["unpadded"] = [(o.response_ids.tolist(), o.logprobs.tolist())
                        for o in (e.generate(same_len, 3, sampled, seed=5) for e in (fast, plain))]
     linears = [m for m in model.modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
-    out["restored"] = not any("_forward_impl" in vars(m) for m in linears)
+    out["restored"] = not any("_forward_impl" in vars(m) or "forward" in vars(m) for m in linears)
+    out["tp1_forward"] = _tp1_forward_equals_megatron_forward(model)
     engine = MegatronEngine(model, max_seq_len=40, eos_ids=[])
     with profile_decode(engine) as prof:
         engine.generate(prompts, 2, greedy, seed=0)
     out["profile"] = dict(steps=prof.steps, parts=[c for c, _, _ in prof.table()])
     return out
+
+
+def _tp1_forward_equals_megatron_forward(model):
+    """At TP=1 the packed layers replace megatron's whole forward: equal to megatron's forward on the same packed
+    matmul (bit for bit), and to the plain matmul up to float rounding, for column (qkv with bias, output layer)
+    and row layers (projection, fc2)."""
+    from megatron_papo.rollout.fast_decode import _PackedForward, packed_linears
+
+    linears = [m for m in model.language_model.modules()
+               if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+    g = torch.Generator().manual_seed(3)
+    xs = {id(m): torch.randn(1, 5, m.weight.shape[1], generator=g) for m in linears}
+    with torch.inference_mode():
+        plain = {id(m): m(xs[id(m)]) for m in linears}
+        with packed_linears(model.language_model, rows_hint=5):
+            replaced = all(isinstance(vars(m).get("forward"), _PackedForward) for m in linears)
+            fast = {id(m): m(xs[id(m)]) for m in linears}
+            for m in linears:
+                del m.forward  # megatron's forward around the same packed matmul
+            packed = {id(m): m(xs[id(m)]) for m in linears}
+    for m in linears:
+        (f, fb), (p, pb), (q, qb) = fast[id(m)], packed[id(m)], plain[id(m)]
+        assert torch.equal(f, p) and (fb is pb) and (fb is qb), type(m).__name__
+        torch.testing.assert_close(f, q, atol=1e-5, rtol=1e-5)
+    return replaced
+
+
+def test_tp1_packed_forward_replaces_and_equals_megatron_forward(results):
+    assert results["tp1_forward"], "at TP=1 every linear layer's forward is the packed one during generate"
 
 
 @pytest.fixture(scope="module")

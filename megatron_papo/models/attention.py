@@ -17,11 +17,14 @@ table then covers just them). A context that also ``shares_prefix`` (``megatron_
 each prompt's keys once for its n samples and hands ``SDPAttention`` a ``SharedPrefixKV`` at decode. Without
 the opt-in (training, other callers) it is megatron's module unchanged.
 
-Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim.
+Legend: sq/sk query/key length, b batch, np heads on this rank, ng query groups on this rank, hn head dim;
+shared-prompt attention: P prompts, L prompt length, t own (response) keys of a row, rep = np/ng, w a row's
+queries per group (rep x sq), B the batch of one attention part, s its keys.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -114,64 +117,91 @@ class SDPAttention(MegatronModule):
 
         sq = 1 when decoding; sq = the whole response when scoring (``megatron_papo.training.scoring``): query j
         is the row's own position t - sq + j and sees its own keys up to there (causal, bottom-right aligned),
-        and the whole prompt. Softmax over the two parts is merged exactly (each part's max and sum, rescaled to
-        the common max).
+        and the whole prompt. Each part's softmax comes with its log-sum-exp, and the two are merged exactly:
+        softmax over both = lerp(prefix out, own out, sigmoid(lse_own - lse_prefix)).
         """
         sq, b, ng, hn = query.shape[0], query.shape[1], self.num_groups, self.head_dim
         rep = self.num_heads // ng
         # a group's query heads and the row's sq positions together form that group's queries
         q = query.reshape(sq, b, ng, rep, hn).permute(1, 2, 0, 3, 4).reshape(b, ng, sq * rep, hn)
-        q = q * self.softmax_scale  # [b, ng, sq*rep, hn]
-        s_own = q @ kv.own_key.transpose(-1, -2)  # the rows' own keys: [b, ng, sq*rep, t]
-        if sq > 1:
-            t = s_own.shape[-1]
-            causal = torch.ones(sq, t, dtype=torch.bool, device=q.device).tril(diagonal=t - sq)  # [sq, t]
-            causal = causal.repeat_interleave(rep, dim=0)  # [sq*rep, t], query-major like q
-            s_own = s_own.masked_fill(~causal, float("-inf"))
-        elif kv.own_len is not None:  # rows at different response steps: row i has own_len[i] keys so far
-            late = torch.arange(s_own.shape[-1], device=q.device) >= kv.own_len[:, None, None, None]
-            s_own = s_own.masked_fill(late, float("-inf"))  # [b, 1, 1, t] mask over [b, ng, rep, t]
-        m_own = s_own.amax(-1, keepdim=True)
-        e_own = torch.exp(s_own - m_own)
-        sum_own, o_own = e_own.sum(-1, keepdim=True), e_own @ kv.own_value  # [b, ng, sq*rep, 1|hn]
-        m_pre, sum_pre, o_pre = self._prefix_part(q, kv)  # [b, ng, sq*rep, 1|1|hn]
-        m = torch.maximum(m_own, m_pre)
-        a_own, a_pre = torch.exp(m_own - m), torch.exp(m_pre - m)
-        out = (o_own * a_own + o_pre * a_pre) / (sum_own * a_own + sum_pre * a_pre)  # [b, ng, sq*rep, hn]
+        o_own, lse_own = self._own_part(q, kv, sq)  # [b, ng, sq*rep, hn], [b, ng, sq*rep]
+        o_pre, lse_pre = self._prefix_part(q, kv, self.softmax_scale)
+        out = torch.lerp(o_pre, o_own, torch.sigmoid(lse_own - lse_pre)[..., None])  # [b, ng, sq*rep, hn]
         out = out.reshape(b, ng, sq, rep, hn).permute(2, 0, 1, 3, 4)  # [sq, b, ng, rep, hn]
         return out.reshape(sq, b, self.num_heads * hn)
 
-    @staticmethod
-    def _prefix_part(q: torch.Tensor, kv: "SharedPrefixKV"):
-        """Each prompt's keys read once for all its rows: softmax max, sum and weighted values [b, ng, w, *]
-        (w = a row's queries per group: rep heads x its positions).
+    def _own_part(self, q: torch.Tensor, kv: "SharedPrefixKV", sq: int):
+        """The rows' own (response) keys: softmax output [b, ng, sq*rep, hn] and log-sum-exp [b, ng, sq*rep].
 
-        Equal rows per prompt (no row finished yet): one batched product over the prompts; otherwise one
-        product per prompt.
+        Decoding (sq = 1) sees every own key, or with ``own_len`` (rows at different steps) row i its first
+        own_len[i]; scoring masks the keys after each query (causal, bottom-right aligned). A mask here is additive ([b|1, 1, sq*rep, t] float, -inf = not a key); every query must keep
+        at least one key (its own position always is one)."""
+        bias = None
+        if sq > 1:
+            t, rep = kv.own_key.shape[2], q.shape[2] // sq
+            causal = torch.ones(sq, t, dtype=torch.bool, device=q.device).tril(diagonal=t - sq)  # [sq, t]
+            causal = causal.repeat_interleave(rep, dim=0)  # [sq*rep, t], query-major like q
+            bias = torch.zeros(causal.shape, dtype=q.dtype, device=q.device).masked_fill_(~causal, float("-inf"))
+        elif kv.own_len is not None:  # rows at different response steps: row i has own_len[i] keys so far
+            late = torch.arange(kv.own_key.shape[2], device=q.device) >= kv.own_len[:, None, None, None]
+            bias = torch.zeros(late.shape, dtype=q.dtype, device=q.device).masked_fill_(late, float("-inf"))
+        return softmax_part(q, kv.own_key, kv.own_value, self.softmax_scale, bias)  # bias [b|1, 1, w|1, t]
+
+    @staticmethod
+    def _prefix_part(q: torch.Tensor, kv: "SharedPrefixKV", scale: float):
+        """Each prompt's keys read once for all its rows: softmax output [b, ng, w, hn] and log-sum-exp
+        [b, ng, w] (w = a row's queries per group: rep heads x its positions).
+
+        One batched call per run of consecutive prompts with equal rows each (all prompts before any row
+        finished); prompts whose rows all finished are skipped. Slices, never copies, of the prompt cache.
         """
-        _, ng, rep, hn = q.shape
-        counts = kv.row_counts
-        if len(set(counts)) == 1:
-            groups = [(slice(None), counts[0], len(counts))]  # (prompts, rows each, number of prompts)
-        else:
-            groups = [(slice(p, p + 1), c, 1) for p, c in enumerate(counts) if c > 0]
-        m_pre, sum_pre, o_pre, start = [], [], [], 0
-        for prompts, c, num_p in groups:
-            qp = q[start:start + c * num_p].reshape(num_p, c, ng, rep, hn).transpose(1, 2)
-            qp = qp.reshape(num_p, ng, c * rep, hn)
-            sp = qp @ kv.prefix_key[prompts].transpose(-1, -2)  # [p, ng, c*rep, L]
-            if kv.prefix_padded:  # left padding of shorter prompts: not a key
-                sp = sp.masked_fill(~kv.prefix_keep[prompts][:, None, None, :], float("-inf"))
-            mp = sp.amax(-1, keepdim=True)  # [p, ng, c*rep, 1]
-            ep = torch.exp(sp - mp)
-            m_pre.append(_rows_first(mp, c)), sum_pre.append(_rows_first(ep.sum(-1, keepdim=True), c))
-            o_pre.append(_rows_first(ep @ kv.prefix_value[prompts], c))
-            start += c * num_p
-        return torch.cat(m_pre), torch.cat(sum_pre), torch.cat(o_pre)
+        b, ng, w, hn = q.shape
+        bias = None  # [P, 1, 1, L] float, -inf on the left padding of shorter prompts
+        if kv.prefix_padded:
+            bias = torch.zeros(kv.prefix_keep.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(~kv.prefix_keep, float("-inf"))[:, None, None, :]
+        outs, lses, row, p0 = [], [], 0, 0
+        for c, run in itertools.groupby(kv.row_counts):
+            num_p = len(list(run))
+            prompts, p0 = slice(p0, p0 + num_p), p0 + num_p
+            if c == 0:
+                continue
+            qp = q[row:row + c * num_p]
+            row += c * num_p
+            if c > 1:  # a prompt's rows side by side: [p, ng, c*w, hn]
+                qp = qp.reshape(num_p, c, ng, w, hn).transpose(1, 2).reshape(num_p, ng, c * w, hn)
+            o, lse = softmax_part(qp, kv.prefix_key[prompts], kv.prefix_value[prompts], scale,
+                                  None if bias is None else bias[prompts])
+            outs.append(_rows_first(o, c)), lses.append(_rows_first(lse[..., None], c)[..., 0])
+        return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs), torch.cat(lses))
+
+
+def softmax_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 bias: Optional[torch.Tensor] = None):
+    """Attention of q [B, ng, w, hn] on one part of the keys, k / v [B, ng, s, hn], bias additive
+    [B|1, 1, w|1, s] (-inf = masked): (output [B, ng, w, hn], log-sum-exp [B, ng, w] of the scaled scores).
+
+    On CPU one fused kernel (PyTorch's flash attention for CPU, which returns the log-sum-exp) reads each key
+    block once, with no score tensor in memory and no separate max / exp / sum passes; elsewhere, and with
+    autograd on (that kernel's log-sum-exp carries no gradient), the same formula in plain ops. Every query must
+    have at least one unmasked key.
+    """
+    if q.device.type == "cpu" and _CPU_FLASH is not None and not torch.is_grad_enabled():
+        return _CPU_FLASH(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
+    s = (q * scale) @ k.transpose(-1, -2)  # [B, ng, w, s]
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, -1)
+    return torch.exp(s - lse[..., None]) @ v, lse
+
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _rows_first(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """``[p, ng, rows*rep, x]`` -> ``[p*rows, ng, rep, x]``: back to one entry per row, prompt-major."""
+    """``[p, ng, rows*w, x]`` -> ``[p*rows, ng, w, x]``: back to one entry per row, prompt-major."""
+    if rows == 1:
+        return t
     num_p, ng, width, x = t.shape
     return t.reshape(num_p, ng, rows, width // rows, x).transpose(1, 2).reshape(num_p * rows, ng, -1, x)
 
