@@ -205,6 +205,14 @@ def test_memory_plan_counts_the_cap_and_advises_it():
     text = "\n".join(describe_memory(cfg, 4))
     assert "does NOT fit" in text and "rollout.max_batch_rows=" in text, text
     assert "memory: fits" in "\n".join(describe_memory(capped, 4))
+    # the advice is a command line the CLI takes as it is printed, and what it sets makes the plan fit
+    from megatron_papo.cli import _parser
+
+    advice = text.split("try ", 1)[1].split(" (peak", 1)[0]
+    args = _parser().parse_args(["train", "--config", str(ROOT / recipe), "--dry-run", "--set", "model.recompute=true",
+                                 *advice.split()])
+    advised = load_config(args.config, args.overrides)
+    assert "memory: fits" in "\n".join(describe_memory(advised, 4)), advice
 
 
 def test_benchmark_smoke(tmp_path):

@@ -126,7 +126,7 @@ def plan_memory(cfg: Config, dp: int, spec=None) -> list[StagePlan]:
         out.append(StagePlan(s, n * pb, trained * 4.0, trained * opt_bytes / shard,
                              n * pb if cfg.algorithm.beta > 0 else 0.0,
                              act, full * in_flight, recompute * in_flight, logits,
-                             _kv_cache(cfg, spec, dp, layers, tp, pb), _prefill(cfg, spec, tp, pb)))
+                             _kv_cache(cfg, spec, dp, layers, tp, pb), _prefill(cfg, spec, dp, tp, pb)))
     return out
 
 
@@ -150,12 +150,12 @@ def _kv_cache(cfg: Config, spec, dp: int, layers: int, tp: int, pb: int) -> floa
     return layers * 2 * max(spec.num_kv_heads / tp, 1.0) * spec.head_dim * pb * positions
 
 
-def _prefill(cfg: Config, spec, tp: int, pb: int, chunk: int = 8) -> float:
+def _prefill(cfg: Config, spec, dp: int, tp: int, pb: int, chunk: int = 8) -> float:
     """One prefill chunk (the engine's ``prefill_batch_size`` prompts): a layer's forward working set, the
-    left-padding mask and the decode logits of every row."""
+    left-padding mask and the decode logits of every row this data-parallel rank generates."""
     lp = prompt_tokens(cfg)
     work = chunk * lp * (4 * spec.hidden_size + 3 * spec.intermediate_size / tp) * pb + chunk * lp * lp
-    rows = cfg.training.prompts_per_step * cfg.rollout.n
+    rows = cfg.training.prompts_per_step // dp * cfg.rollout.n
     if cfg.rollout.max_batch_rows:
         rows = min(rows, cfg.rollout.max_batch_rows)
     return work + rows * padded_vocab_size(spec.vocab_size) / tp * 4
@@ -166,7 +166,8 @@ def fits(plan: list[StagePlan], gpu_gb: float) -> bool:
 
 
 def fitting_knob(cfg: Config, dp: int, spec=None) -> Optional[str]:
-    """The first single change (or recomputation plus one) that makes the plan fit, as ``--set`` text."""
+    """The first single change (or recomputation plus one) that makes the plan fit, as command-line text
+    (``--set k=v --set k2=v2``: one ``--set`` per field, as the CLI takes them)."""
     for sets in _knobs(cfg, dp):
         try:
             new, new_dp = _with(cfg, sets, dp)
@@ -174,7 +175,7 @@ def fitting_knob(cfg: Config, dp: int, spec=None) -> Optional[str]:
         except ValueError:
             continue
         if fits(plan, cfg.parallel.gpu_memory_gb):
-            text = " ".join(f"{k}={str(v).lower()}" for k, v in sets.items())
+            text = " ".join(f"--set {k}={str(v).lower()}" for k, v in sets.items())
             return f"{text} (peak {max(s.total for s in plan) / GB:.1f} GB)"
     return None
 
@@ -243,7 +244,7 @@ def describe_memory(cfg: Config, dp: int, spec=None) -> list[str]:
         knob = fitting_knob(cfg, dp, spec)
         worst = max(plan, key=lambda s: s.total)
         what = "the rollout KV cache" if worst.rollout > worst.update else "the update's activations"
-        fix = f"try --set {knob}" if knob else (f"no single knob fits ({what} is the larger phase): add GPUs, "
+        fix = f"try {knob}" if knob else (f"no single knob fits ({what} is the larger phase): add GPUs, "
                                                 "or lower training.prompts_per_step / rollout.max_new_tokens")
         lines.append(f"memory: does NOT fit ({peak / GB:.1f} GB > {usable:.1f} usable on a {gpu:g} GB GPU); {fix}")
     return lines
