@@ -62,23 +62,6 @@ class SharedPrefixContext(StaticInferenceContext):
             shape = (sum(self.row_counts), k.shape[2], max_new, k.shape[3])
             self.key_value_memory_dict[layer] = (k.new_empty(shape), v.new_empty(shape))  # [N, ng, T, hn]
 
-    def keep_rows(self, keep: torch.Tensor, row_prompt: torch.Tensor | None = None) -> None:
-        """Drop finished rows: new row r = old row keep[r] (keep ascending, so rows stay prompt-major); prompts
-        left without rows drop their prefix. ``row_prompt`` is accepted for callers of the old signature and
-        ignored: the rows' prompts follow from ``row_counts``."""
-        counts = torch.tensor(self.row_counts)
-        local = torch.repeat_interleave(torch.arange(len(counts)), counts)  # [b] prompt of each row
-        new_counts = torch.bincount(local[keep.cpu()], minlength=len(counts))
-        live = (new_counts > 0).nonzero().squeeze(-1)
-        self.row_counts = new_counts[live].tolist()
-        if len(live) < len(counts):
-            self.prefix_keep = self.prefix_keep[live.to(self.prefix_keep.device)]
-            for layer, pair in self.prefix.items():
-                self.prefix[layer] = tuple(p.index_select(0, live.to(p.device)) for p in pair)
-        for layer, (k, v) in self.key_value_memory_dict.items():
-            idx = keep.to(k.device)
-            self.key_value_memory_dict[layer] = (k.index_select(0, idx), v.index_select(0, idx))
-
     def set_row_steps(self, steps: torch.Tensor | None, width: int = 0) -> None:
         """Rows at different response steps (``steps`` [b] int64 on the cache's device, None: all at the same
         one): the next decode step writes row i's key at response index steps[i] and its attention reads the
@@ -140,7 +123,7 @@ class RunningContext(SharedPrefixContext):
         self.row_counts, self.rows = self.row_counts + [n] * k, self.rows + k * n
         self._views()
 
-    def keep_rows(self, keep: torch.Tensor, row_prompt: torch.Tensor | None = None, width: int | None = None) -> None:
+    def keep_rows(self, keep: torch.Tensor, width: int | None = None) -> None:
         """Drop finished rows: new row r = old row keep[r] (ascending); prompts left without rows drop their
         keys; ``width``: response positions written so far (default all)."""
         counts = torch.tensor(self.row_counts)
