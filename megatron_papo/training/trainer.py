@@ -294,7 +294,7 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
 def train_loop(run: Run) -> dict:
     """Warm-start (what is left of it), then RL steps until ``training.rl_steps`` or a signal; every change of
     weights is saved before returning (``result["signal"]``: the signal that stopped the run, 0: none)."""
-    cfg, log = run.ctx.cfg, run.logger
+    log = run.logger
     run.handler = run.handler or PreemptionHandler()
     result = {"rewards": [], "checkpoint": None, "steps": run.start_step, "signal": 0}
     try:
