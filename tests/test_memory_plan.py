@@ -119,3 +119,24 @@ def test_dry_run_prints_the_plan_and_warns_about_missing_paths(capsys):
     big = load_config("examples/qwen2.5-vl-7b_papo_g.yaml", ["parallel.gpu_memory_gb=1000"])
     train(big, dry_run=True)
     assert "memory: fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe,vision_count", [
+    ("examples/qwen2.5-vl-7b_papo_g.yaml", "megatron_papo.models.qwen2_5_vl.counts"),
+    ("examples/qwen3-vl-8b_papo_g.yaml", "megatron_papo.models.qwen3_vl.counts"),
+])
+def test_frozen_vision_is_the_familys_own_tower(recipe, vision_count):
+    """model.freeze_vision: gradients and optimizer state leave out the tower counted by the model's own family
+    (a Qwen3-VL plan used to subtract the Qwen2.5-VL tower)."""
+    import importlib
+
+    from megatron_papo.config import load_config
+    from megatron_papo.models import get_preset
+    from megatron_papo.training.layout import params_per_stage
+    from megatron_papo.training.memory_plan import plan_memory
+
+    cfg = load_config(recipe, ["model.freeze_vision=true"])
+    spec, tp = get_preset(cfg.model.preset), cfg.parallel.tensor_model_parallel_size
+    tower = importlib.import_module(vision_count).vision(spec, tp)
+    stage0 = plan_memory(cfg, 4)[0]
+    assert stage0.gradients == pytest.approx((params_per_stage(cfg)[0] - tower) * 4.0)

@@ -75,12 +75,6 @@ def _mapping(module: str):
     return load
 
 
-def _qwen25_counts(spec, tp: int):
-    from megatron_papo.training.layout import qwen25_param_counts
-
-    return qwen25_param_counts(spec, tp)
-
-
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 FAMILIES: dict[str, Family] = {
@@ -91,7 +85,7 @@ FAMILIES: dict[str, Family] = {
         hf_config_from_spec=qwen25_spec.hf_config_from_spec, spec_from_dict=qwen25_spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen2_5_vl.mapping"),
         image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
-        hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=_qwen25_counts,
+        hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=qwen25_counts.param_counts,
         vision_flops=qwen25_counts.vision_flops),
     qwen3_vl.FAMILY: Family(
         name=qwen3_vl.FAMILY, spec_type=qwen3_vl.Qwen3VLSpec, presets=qwen3_vl.PRESETS,

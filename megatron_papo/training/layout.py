@@ -12,32 +12,9 @@ from __future__ import annotations
 import os
 
 from megatron_papo.config import Config
-from megatron_papo.models import family_of_preset, get_preset, padded_vocab_size
+from megatron_papo.models import family_of_spec, get_preset, padded_vocab_size
 from megatron_papo.platform import check_layout
 from megatron_papo.training.memory_plan import describe_memory
-
-
-def _lm_layer(spec, tp: int) -> float:
-    h, hd = spec.hidden_size, spec.head_dim
-    q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
-    attn = h * (q + 2 * kv) + (q + 2 * kv) + q * h           # QKV with bias, output projection
-    mlp = 3 * h * spec.intermediate_size                     # gate, up, down (SwiGLU)
-    return (attn + mlp) / tp + 2 * h                         # two RMSNorms, replicated
-
-
-def _vision(spec, tp: int) -> float:
-    v = spec.vision
-    vh = v.hidden_size
-    block = (3 * vh * vh + 3 * vh + vh * vh + vh + 3 * vh * v.intermediate_size + 2 * v.intermediate_size + vh) / tp
-    block += 2 * vh
-    merged = vh * v.spatial_merge_size ** 2
-    merger = vh + (merged * merged + merged + merged * v.out_hidden_size) / tp + v.out_hidden_size
-    return v.depth * block + 3 * v.temporal_patch_size * v.patch_size ** 2 * vh + merger
-
-
-def qwen25_param_counts(spec, tp: int) -> tuple[float, float]:
-    """(one language layer, the vision tower) per rank for Qwen2.5-VL (Qwen3-VL: models.qwen3_vl.counts)."""
-    return _lm_layer(spec, tp), _vision(spec, tp)
 
 
 def params_per_stage(cfg: Config, spec=None) -> list[int]:
@@ -56,7 +33,7 @@ def params_per_stage(cfg: Config, spec=None) -> list[int]:
         raise ValueError(f"parallel.tensor_model_parallel_size {tp} must divide the {spec.num_kv_heads} key/value "
                          f"heads (grouped-query attention) of {cfg.model.preset}; valid sizes: {ok}")
     vocab = padded_vocab_size(spec.vocab_size) * spec.hidden_size / tp
-    layer, vision = family_of_preset(cfg.model.preset).param_counts(spec, tp)
+    layer, vision = family_of_spec(spec).param_counts(spec, tp)
     stages = []
     for s in range(pp):
         n = spec.num_layers // pp * layer

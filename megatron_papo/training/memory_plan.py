@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_papo.config import Config
-from megatron_papo.models import get_preset, padded_vocab_size
+from megatron_papo.models import family_of_spec, get_preset, padded_vocab_size
 
 GB = 1e9
 HEADROOM = 0.10      # of the GPU kept free: CUDA context, NCCL buffers, allocator fragmentation
@@ -99,7 +99,7 @@ def micro_batch_tokens(cfg: Config) -> tuple[int, float]:
 
 def plan_memory(cfg: Config, dp: int, spec=None) -> list[StagePlan]:
     """The plan of every pipeline stage (``spec``: the architecture; default the preset's)."""
-    from megatron_papo.training.layout import _vision, params_per_stage
+    from megatron_papo.training.layout import params_per_stage
 
     spec = spec or get_preset(cfg.model.preset)
     p = cfg.parallel
@@ -122,7 +122,8 @@ def plan_memory(cfg: Config, dp: int, spec=None) -> list[StagePlan]:
             full, recompute = full + vis, recompute + vis / max(spec.vision.depth, 1)
         act = (recompute if cfg.model.recompute else full) * in_flight
         logits = 2 * s_mb * padded_vocab_size(spec.vocab_size) / tp * pb if s == pp - 1 else 0.0
-        trained = n - (_vision(spec, tp) if s == 0 and cfg.model.freeze_vision else 0)
+        frozen = family_of_spec(spec).param_counts(spec, tp)[1] if s == 0 and cfg.model.freeze_vision else 0
+        trained = n - frozen
         out.append(StagePlan(s, n * pb, trained * 4.0, trained * opt_bytes / shard,
                              n * pb if cfg.algorithm.beta > 0 else 0.0,
                              act, full * in_flight, recompute * in_flight, logits,
