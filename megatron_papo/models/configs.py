@@ -45,7 +45,8 @@ def language_config(spec: VLMSpec, *, params_dtype=torch.float32, fp8: str | Non
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
         num_query_groups=spec.num_kv_heads, ffn_hidden_size=spec.intermediate_size, kv_channels=spec.head_dim,
         layernorm_epsilon=spec.rms_eps, add_bias_linear=False, mrope_section=list(spec.mrope_section),
-        pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel, **attention, **_common(params_dtype, fp8, fp8_recipe, recompute),
+        pipeline_model_parallel_size=pp, sequence_parallel=sequence_parallel, **attention,
+        **_common(params_dtype, fp8, fp8_recipe, recompute),
     )
 
 
