@@ -13,6 +13,7 @@ Steps (each reports as it goes):
    to the plan's weights + gradients + activations + logits for this micro-batch. Gradients here are plain
    autograd gradients in bf16 (no DDP: its fp32 buffer would need 15 GB more across the four ranks), so the
    plan's gradient figure is taken at 2 bytes per parameter for the comparison.
+Steps 3 and 4 run on the same four ranks (one start-up, one load of the converted weights).
 
 Memory: about 8 GB for steps 1-3 (the transformers model, then the four ranks), about 16 GB for step 4. The
 script checks the available memory first and stops (exit 2) when it is below ``--min-free-gb``.
@@ -103,25 +104,25 @@ def write_random_hf(spec, out_dir: str, shard_bytes: int = 2 * 1024 ** 3) -> int
     return total
 
 
-def _rank_logits(mcore_dir: str, inputs: dict):
+def _rank_logits(model, inputs: dict):
     from megatron.core import parallel_state as ps
 
-    from megatron_papo.convert.checkpoint import load_vlm
     from megatron_papo.convert.verify import pipeline_logits
 
-    model = load_vlm(mcore_dir, params_dtype=torch.bfloat16).eval()
-    out = pipeline_logits(model, inputs["input_ids"], pixel_values=inputs["pixel_values"],
-                          image_grid_thw=inputs["image_grid_thw"])
+    model.eval()
+    with torch.no_grad():
+        out = pipeline_logits(model, inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                              image_grid_thw=inputs["image_grid_thw"])
+    model.train()
     return out if ps.get_tensor_model_parallel_rank() == 0 else None
 
 
 @torch.no_grad()
-def check_logits(hf_dir: str, mcore_dir: str) -> tuple[float, float, float]:
-    """(max |diff|, mean |diff|, std of the reference logits), transformers vs ours at TP2 x PP2, both bf16."""
+def reference_logits(hf_dir: str, mcore_dir: str) -> tuple[dict, torch.Tensor]:
+    """(random inputs, transformers' logits on them in bf16, as float32)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.convert.checkpoint import read_checkpoint_meta
-    from megatron_papo.convert.launch import run_ranks
     from megatron_papo.convert.verify import random_inputs
 
     spec, _, _ = read_checkpoint_meta(mcore_dir)
@@ -130,11 +131,21 @@ def check_logits(hf_dir: str, mcore_dir: str) -> tuple[float, float, float]:
     ids = inputs["input_ids"]
     ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"].bfloat16(),
              image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=(ids == spec.image_token_id).int()).logits
-    ref = ref.float()
-    del hf
-    outs = [o for o in run_ranks(_rank_logits, tp=2, pp=2, args=(mcore_dir, inputs)) if o is not None]
-    diff = torch.stack([(o - ref).abs() for o in outs])
+    return inputs, ref.float()
+
+
+def logit_diff(outs: list, ref: torch.Tensor) -> tuple[float, float, float]:
+    """(max |diff|, mean |diff|, std of the reference logits) over the ranks' logits (None: not reported)."""
+    diff = torch.stack([(o - ref).abs() for o in outs if o is not None])
     return diff.max().item(), diff.mean().item(), ref.std().item()
+
+
+def _rank_work(mcore_dir: str, inputs: dict, tokens: int) -> tuple:
+    """One set of TP2 x PP2 ranks: the logits for the check, then one RL micro-step on the same weights."""
+    from megatron_papo.convert.checkpoint import load_vlm
+
+    model = load_vlm(mcore_dir, params_dtype=torch.bfloat16)
+    return _rank_logits(model, inputs), _rank_step(model, tokens)
 
 
 def _micro_batch(spec, tokens: int):
@@ -159,18 +170,16 @@ def _micro_batch(spec, tokens: int):
                          one_shape=True)
 
 
-def _rank_step(mcore_dir: str, tokens: int) -> dict:
+def _rank_step(model, tokens: int) -> dict:
     """One forward + backward of the PAPO loss on one packed micro-batch; this rank's tensor memory."""
     from megatron.core import parallel_state as ps
 
     from megatron_papo.algorithms.aggregation import Aggregation
     from megatron_papo.algorithms.policy_loss import PolicyLossInputs, get_policy_loss
     from megatron_papo.config import AlgorithmConfig
-    from megatron_papo.convert.checkpoint import load_vlm
     from megatron_papo.platform.memory import TensorMemory, parameter_bytes
     from megatron_papo.training.sequences import response_stats, run_schedule
 
-    model = load_vlm(mcore_dir, params_dtype=torch.bfloat16)
     spec = model.spec
     mbs = _micro_batch(spec, tokens)
     algo, papo = AlgorithmConfig(), get_policy_loss("papo")
@@ -230,12 +239,13 @@ def main(argv=None) -> int:
         hf_to_mcore(hf_dir, mcore_dir, tp=2, pp=2)
         print(f"2. hf-to-mcore --tp 2 --pp 2 ({time.perf_counter() - t0:.0f} s)", flush=True)
         t0 = time.perf_counter()
-        mx, mean, std = check_logits(hf_dir, mcore_dir)
+        inputs, ref = reference_logits(hf_dir, mcore_dir)
+        outs = run_ranks(_rank_work, tp=2, pp=2, args=(mcore_dir, inputs, args.tokens))
+        mx, mean, std = logit_diff([o[0] for o in outs], ref)
+        ranks = [o[1] for o in outs]
         print(f"3. logits vs transformers (bf16 both): max |diff| {mx:.4f}, mean {mean:.5f}, logits std {std:.4f} "
-              f"(max/std {mx / std:.3f}) ({time.perf_counter() - t0:.0f} s)", flush=True)
-        t0 = time.perf_counter()
-        ranks = run_ranks(_rank_step, tp=2, pp=2, args=(mcore_dir, args.tokens))
-        print(f"4. one RL micro-step at TP2 x PP2, {args.tokens} packed tokens ({time.perf_counter() - t0:.0f} s)")
+              f"(max/std {mx / std:.3f}), then 4. one RL micro-step at TP2 x PP2, {args.tokens} packed tokens, "
+              f"on the same ranks ({time.perf_counter() - t0:.0f} s)", flush=True)
     plan = planned(spec, args.tokens)
     print(f"{'rank':<6}{'stage':>6}{'weights GB':>12}{'peak GB':>9}{'plan GB':>9}{'ratio':>7}{'loss':>10}")
     ratios = []

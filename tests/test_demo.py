@@ -62,6 +62,7 @@ def test_evaluate_the_demo_checkpoint(demo):
     assert set(ds) == {"synthetic_color", "synthetic_count", "overall"}
     assert ds["synthetic_color"]["questions"] + ds["synthetic_count"]["questions"] == 24
     assert ds["overall"]["samples"] == 24 * 4
+    assert res["skipped"] == {"count": 0, "by_reason": {}, "samples": []}
     weighted = sum(ds[d]["avg@k"] * ds[d]["questions"] for d in ("synthetic_color", "synthetic_count")) / 24
     assert abs(ds["overall"]["avg@k"] - weighted) < 1e-9
     assert 0.0 < ds["overall"]["avg@k"] <= 1.0        # the trained policy answers some questions right

@@ -2,10 +2,11 @@
 
 Two ranks, TP=2, the tiny VLM from the same initial weights: one real RL step (rollout through the KV-cache
 engine, old log-probs recomputed through megatron's schedule, reference KL, PAPO's masked view, the update), with
-padded rows and with packed micro-batches (``thd``), and the tiny Qwen3-VL (DeepStack). The rollout engine runs the policy without sequence
-parallelism (same rollouts), the scoring and update passes with it: a forward pre-hook on the first decoder layer
-records the sequence length each forward sees, which proves the split happened (S/2 per rank) while training and
-not while decoding. Loss, gradient norm and the updated weights must agree to float32 round-off.
+padded rows, with packed micro-batches (``thd``), and on the tiny Qwen3-VL (DeepStack). The rollout engine runs
+the policy without sequence parallelism (same rollouts), the scoring and update passes with it: a forward
+pre-hook on the first decoder layer records the sequence length each forward sees, which proves the split
+happened (S/2 per rank) while training and not while decoding. Loss, gradient norm and the updated weights must
+agree to float32 round-off.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def _step(root: str, init: str, sp: bool, *sets: str) -> dict:
     before = _params(run)
     metrics = _rl_steps(run, 1)[0]
     after = _params(run)
+    if run.ctx.cfg.training.eval_interval:            # in-training validation: engine + perception KL under SP
+        from megatron_papo.evaluation.validation import Validator
+
+        metrics.update(Validator.build(run.ctx.cfg).maybe_run(run.ctx, 1, run.logger))
     return {"metrics": metrics, "weights": after, "change": max((after[k] - before[k]).abs().max().item()
                                                                 for k in before),
             "seen": seen, "config_sp": vlm.config.sequence_parallel,
@@ -40,9 +45,11 @@ def _step(root: str, init: str, sp: bool, *sets: str) -> dict:
 
 
 def _body(rank, world, root, init):
+    validate = (f"data.val_shards={root}/data", "training.eval_interval=1", "training.eval_limit=2",
+                "training.eval_k=2")
     packed = ("training.max_tokens_per_micro_batch=300",)
     qwen3 = ("model.preset=qwen3-vl-tiny",)         # DeepStack features are split along the sequence too
-    return {"padded": (_step(root, init, False), _step(root, init, True)),
+    return {"padded": (_step(root, init, False, *validate), _step(root, init, True, *validate)),
             "packed": (_step(root, init, False, *packed), _step(root, init, True, *packed)),
             "qwen3": (_step(root, f"{init}_qwen3", False, *qwen3), _step(root, f"{init}_qwen3", True, *qwen3))}
 
@@ -60,9 +67,10 @@ def test_sequence_parallel_step_equals_tensor_parallel_step(results, layout):
         assert sp["config_sp"] is True and plain["config_sp"] is False     # the switch is restored after decoding
         assert sp["ref_sp"] is False                                        # inference-only copies run without it
         assert sp["change"] > 1e-5
+        assert layout != "padded" or "val/kl_exact" in sp["metrics"]      # validation ran after the step
         a, b = plain["metrics"], sp["metrics"]
         assert a["reward/mean"] == b["reward/mean"], "different rollouts"
-        for k in KEYS:
+        for k in KEYS + tuple(k for k in a if k.startswith("val/")):
             assert math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-7), f"rank {rank} {k}: {a[k]} vs {b[k]}"
         for name, w in plain["weights"].items():
             torch.testing.assert_close(sp["weights"][name], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -4,8 +4,9 @@ Rows are right-padded (causal attention: padding after a row's tokens never chan
 every micro-batch of one call has the same shape (pipeline stages exchange fixed-size activations), and a
 response token t of row i is predicted by the logits at position ``prompt_len_i - 1 + t``.
 
-Legend: b rows in a micro-batch, S padded sequence length, T padded response length, V/tp vocabulary shard,
-P image patches of the micro-batch (its rows' images in row order, as the model scatters them).
+Legend: b rows in a micro-batch, S padded sequence length (a multiple of TP: sequence parallelism splits it),
+T padded response length, V/tp vocabulary shard, P image patches of the micro-batch (its rows' images in row
+order, as the model scatters them).
 """
 
 from __future__ import annotations
