@@ -68,10 +68,10 @@ def write_random_hf(spec, out_dir: str, shard_bytes: int = 2 * 1024 ** 3) -> int
     from safetensors.torch import save_file
 
     from megatron_papo.convert import hf_config_from_spec, name_map
-    from megatron_papo.convert.mapping import expected_hf_shapes
+    from megatron_papo.models import family_of_spec
 
     os.makedirs(out_dir, exist_ok=True)
-    shapes = expected_hf_shapes(spec)
+    shapes = family_of_spec(spec).mapping().expected_hf_shapes(spec)
     names = sorted({n for e in name_map(spec) for n in e.hf})
     g = torch.Generator().manual_seed(0)
     shards, current, size, total = [], {}, 0, 0

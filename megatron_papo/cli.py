@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mask-ratio", type=float, help="--perception: share of 14-px cells blackened; default 0.6")
     e.add_argument("--limit", type=int, default=0, help="evaluate only the first N questions (0: all)")
     e.add_argument("--batch-size", type=int, help="questions per generation batch and rank (speed only); default 16")
+    e.add_argument("--max-batch-rows", type=int, help="rows in flight in the rollout engine at most (memory only; "
+                   "questions wait and join as rows finish); >= --k, default 0 (no cap)")
     e.add_argument("--tp", type=int, help="tensor-parallel size; default: the world size / --pp (one model on "
                    "all ranks); a smaller --tp leaves world / (tp x pp) data-parallel ranks sharing the questions")
     e.add_argument("--pp", type=int, help="pipeline-parallel size; default 1")

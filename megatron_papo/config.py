@@ -63,8 +63,6 @@ class TokenizerConfig:
 class DataConfig:
     # training shards: a directory, a glob or a brace pattern of webdataset .tar files
     train_shards: str = "runs/demo/data/train"
-    # evaluation shards (same forms as train_shards; null: none)
-    eval_shards: Optional[str] = None
     # make SYNTHETIC shards at train_shards if it holds none, announced loudly (the embedded demo sets it)
     synthetic_if_missing: bool = False
     # number of synthetic samples to make when synthetic_if_missing applies
@@ -107,6 +105,9 @@ class RolloutConfig:
     # recompute the old log-probs with a training forward instead of taking the rollout engine's (with top_p < 1
     # or top_k > 0 they are always recomputed: the sampling distribution is then not the policy's)
     recompute_old_logprobs: bool = False
+    # rows in flight in the rollout engine at most, KV cache included; prompts wait and join as rows finish
+    # (continuous batching; same outputs); 0: every row of a step at once; else >= rollout.n
+    max_batch_rows: int = 0
 
 
 @dataclass
@@ -358,6 +359,8 @@ def _build(cls, data: Any, path: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping of fields, got {data!r}")
     types = _field_types(cls)
+    if cls is DataConfig:
+        data = _removed_data_fields(data)
     unknown = sorted(set(data) - set(types))
     if unknown:
         where = path or "the top level"
@@ -372,6 +375,15 @@ def _build(cls, data: Any, path: str = ""):
         data = {**ALGORITHM_PRESETS[preset], **data}
     kwargs = {k: _coerce(v, types[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _removed_data_fields(data: dict) -> dict:
+    """``data.eval_shards`` (read by nothing) gave way to ``data.val_shards``: null is dropped (configs saved by
+    older runs hold it), a value is an error naming the replacement."""
+    if data.get("eval_shards") is not None:
+        raise ConfigError("data.eval_shards was removed (nothing read it); set data.val_shards for validation during "
+                          "training (with training.eval_interval), or run `megatron-papo evaluate --data SHARDS`")
+    return {k: v for k, v in data.items() if k != "eval_shards"}
 
 
 def to_dict(cfg) -> dict:
@@ -465,6 +477,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.rollout.temperature < 0:
         raise ConfigError(f"rollout.temperature must be >= 0 (0: greedy), got {cfg.rollout.temperature}")
+    if not (cfg.rollout.max_batch_rows == 0 or cfg.rollout.max_batch_rows >= cfg.rollout.n):
+        raise ConfigError(f"rollout.max_batch_rows must be 0 (no cap) or >= rollout.n ({cfg.rollout.n}: a prompt's "
+                          f"rows run together), got {cfg.rollout.max_batch_rows}")
     if not 0.0 <= cfg.algorithm.mask_ratio <= 1.0:
         raise ConfigError(f"algorithm.mask_ratio must be in [0, 1], got {cfg.algorithm.mask_ratio}")
     a = cfg.algorithm

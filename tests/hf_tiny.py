@@ -23,17 +23,23 @@ def tiny_hf_config(tied: bool = False):
     )
 
 
+def _random_model(model_class, config, out_dir: str | None, seed: int):
+    """``model_class(config)`` in fp32 with every tensor randomised, saved as safetensors in out_dir when given."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model
+
+
 def make_hf_model(out_dir: str, seed: int = 0, tied: bool = False):
     """A tiny random HF Qwen2.5-VL saved as safetensors in out_dir (fp32)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_hf_config(tied)).eval()
-    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(out_dir)
-    return model
+    return _random_model(Qwen2_5_VLForConditionalGeneration, tiny_hf_config(tied), out_dir, seed)
 
 
 def tiny_qwen3_config(tied: bool = False, deepstack=(0, 1, 2)):
@@ -58,11 +64,4 @@ def make_qwen3_model(out_dir: str | None, seed: int = 0, tied: bool = False, dee
     """A tiny random HF Qwen3-VL (fp32), saved as safetensors in out_dir when given."""
     from transformers import Qwen3VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(tiny_qwen3_config(tied, deepstack)).eval()
-    with torch.no_grad():  # HF zero/one-initialises biases and norms: randomise so every tensor matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    if out_dir is not None:
-        model.save_pretrained(out_dir)
-    return model
+    return _random_model(Qwen3VLForConditionalGeneration, tiny_qwen3_config(tied, deepstack), out_dir, seed)

@@ -19,7 +19,7 @@ def _build(seed):
     from megatron.core.transformer import TransformerConfig
 
     from megatron_papo.config import OptimizerConfig
-    from megatron_papo.models.specs import local_layer_spec
+    from megatron_papo.models import local_layer_spec
     from megatron_papo.platform import seed_all
     from megatron_papo.training.optimizer import build_optimizer, wrap_ddp
 

@@ -31,12 +31,21 @@ def test_yaml_and_overrides(tmp_path):
     (["training.prompts_per_step=10", "training.prompts_per_update=4"], "must be a multiple"),
     (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs"),
     (["rollout.n"], "expected key=value"),
+    (["data.eval_shards=data/eval"], "data.eval_shards was removed (nothing read it); set data.val_shards"),
 ])
 def test_bad_config_names_field_and_fix(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(overrides=overrides)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_removed_eval_shards_null_is_dropped(tmp_path):
+    """Configs saved by older runs list data.eval_shards: null; they still load (the field itself is gone)."""
+    p = tmp_path / "old.yaml"
+    p.write_text("data:\n  eval_shards: null\n  val_shards: v\n")
+    cfg = load_config(p)
+    assert cfg.data.val_shards == "v" and not hasattr(cfg.data, "eval_shards")
 
 
 def test_missing_file():

@@ -7,10 +7,11 @@ import json
 import os
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from test_model_vlm import IMG, hf_logits, make_hf_model, make_inputs, tiny_hf_config
+from hf_tiny import make_hf_model, tiny_hf_config
+from test_model_vlm import make_inputs
+from vlm_helpers import assert_round_trip, assert_verify_conversion_passes, load_tool
 
 
 def _tensors(d: str) -> dict:
@@ -20,16 +21,6 @@ def _tensors(d: str) -> dict:
     return {n: ckpt.get(n) for n in ckpt.names()}
 
 
-def _tool(name: str):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_round_trip_tp2pp2_bit_identical_and_loads_elsewhere(tmp_path, capsys):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -37,24 +28,13 @@ def test_round_trip_tp2pp2_bit_identical_and_loads_elsewhere(tmp_path, capsys):
 
     hf_dir, mc_dir, back = str(tmp_path / "hf"), str(tmp_path / "mc"), str(tmp_path / "back")
     hf = make_hf_model(hf_dir, seed=1)
-    assert _tool("convert_checkpoint").main(["hf-to-mcore", "--hf", hf_dir, "--out", mc_dir, "--tp", "2",
+    assert load_tool("convert_checkpoint").main(["hf-to-mcore", "--hf", hf_dir, "--out", mc_dir, "--tp", "2",
                                              "--pp", "2"]) == 0
     mcore_to_hf(mc_dir, back)  # loads the TP2 x PP2 checkpoint at TP1 x PP1
 
-    src, dst = _tensors(hf_dir), _tensors(back)
-    assert sorted(src) == sorted(dst)
-    for name in src:
-        assert src[name].dtype == dst[name].dtype and torch.equal(src[name], dst[name]), name
-
-    again, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(back, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    case = make_inputs()[2]
-    assert torch.equal(hf_logits(again.eval(), case), hf_logits(hf, case))
-
-    capsys.readouterr()
-    assert _tool("verify_conversion").main(["--hf", hf_dir, "--mcore", mc_dir, "--tp", "2", "--tol", "1e-4"]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("max_abs_logit_diff=") and float(last.split("=")[1]) < 1e-4
+    assert_round_trip(_tensors(hf_dir), _tensors(back), Qwen2_5_VLForConditionalGeneration, back, hf,
+                      make_inputs()[2])
+    assert_verify_conversion_passes(hf_dir, mc_dir, capsys)
 
 
 def _write_hf(tmp_path, name="hf"):
@@ -112,7 +92,8 @@ def test_name_map_covers_every_hf_tensor_once():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.convert import name_map
-    from megatron_papo.convert.mapping import expected_hf_shapes, normalise_hf_name
+    from megatron_papo.convert.mapping import normalise_hf_name
+    from megatron_papo.models.qwen2_5_vl.mapping import expected_hf_shapes
     from megatron_papo.models import spec_from_hf_config
 
     for tied in (False, True):

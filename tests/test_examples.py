@@ -82,18 +82,19 @@ def test_recipe_has_published_hyperparameters(name):
     assert d.tokenizer.type == "huggingface"
 
 
-def test_vppo_recipe_has_published_hyperparameters():
+@pytest.mark.parametrize("name,preset", [("qwen2.5-vl-7b_vppo", "qwen2.5-vl-7b"), ("qwen3-vl-8b_vppo", "qwen3-vl-8b")])
+def test_vppo_recipe_has_published_hyperparameters(name, preset):
     """VPPO (arXiv 2510.09285): DAPO base, entropy penalty 0.06, p = 0.4, s_min = 0.9, mask ratio 0.5, n = 8."""
-    cfg = _load("qwen2.5-vl-7b_vppo")
+    cfg = _load(name)
     a, r, t = cfg.algorithm, cfg.rollout, cfg.training
-    assert (cfg.model.preset, a.preset, a.consumers, a.views) == ("qwen2.5-vl-7b", "vppo", ["vppo"], ["masked"])
+    assert (cfg.model.preset, a.preset, a.consumers, a.views) == (preset, "vppo", ["vppo"], ["masked"])
     dapo = dict(PUBLISHED_ALGO["dapo"], eta1=0.06)
     assert {k: getattr(a, k) for k in dapo} == pytest.approx(dapo)
     assert (a.vppo_token_fraction, a.vppo_s_min, a.mask_ratio, a.vppo_stats) == (0.4, 0.9, 0.5, "global")
     assert (r.n, r.temperature, r.top_p, t.prompts_per_step, t.prompts_per_update) == (8, 1.0, 0.99, 384, 128)
 
 
-@pytest.mark.parametrize("name", SCALED + ["tiny_cpu", "qwen2.5-vl-7b_vppo"])
+@pytest.mark.parametrize("name", SCALED + ["tiny_cpu", "qwen2.5-vl-7b_vppo", "qwen3-vl-8b_vppo"])
 def test_layout_divides_world_size(name):
     cfg = _load(name)
     p = cfg.parallel
@@ -134,8 +135,7 @@ def test_model_presets_match_published_dimensions(preset):
 @pytest.mark.parametrize("name", SCALED)
 def test_recipe_layout_fits_model_dimensions(name):
     """TP must divide every split dimension (heads, KV heads, MLP, vision); PP must divide the layers."""
-    from megatron_papo.models import get_preset
-    from megatron_papo.models.configs import check_tp_divisibility
+    from megatron_papo.models import check_tp_divisibility, get_preset
 
     cfg = _load(name)
     spec = get_preset(cfg.model.preset)

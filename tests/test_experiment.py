@@ -184,3 +184,21 @@ def test_shipped_cpu_experiment_config_loads():
     spec = load_spec(str(root / "examples" / "experiments" / "papo_vs_grpo_cpu.yaml"))
     assert spec.arm_names == ["grpo", "papo_g", "control", "vppo"]
     assert (spec.baseline, spec.control) == ("grpo", "control")
+
+
+def test_curves_read_every_tensorboard_run_directory(tmp_path):
+    """The trainer logs each start of a run into its own run-<time> directory: the summary reads them all, a
+    resumed start's repeated steps replacing the earlier start's (the clip fraction used to read as n/a)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from megatron_papo.evaluation.experiment_summary import read_curves
+
+    for name, steps in (("run-20261130-100000", {1: 0.1, 2: 0.2, 3: 0.3}), ("run-20261130-110000", {3: 0.33, 4: 0.4})):
+        with SummaryWriter(str(tmp_path / "tb" / name)) as w:
+            for step, value in steps.items():
+                w.add_scalar("actor/pg_clipfrac", value, step)
+                w.add_scalar("not/a_curve", value, step)
+    curves = read_curves(tmp_path / "tb")
+    assert list(curves) == ["actor/pg_clipfrac"]
+    assert curves["actor/pg_clipfrac"] == pytest.approx([0.1, 0.2, 0.33, 0.4])
+    assert read_curves(tmp_path / "missing") == {}

@@ -31,7 +31,8 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     status = {}
     for section, check, value, reference, st in rows:
         status.setdefault(section.split()[0], []).append(st)
-    assert sorted(status) == ["1", "2", "3", "4", "5"], rows
+    assert sorted(status) == ["1", "2", "3", "4", "5", "6"], rows
     assert all(st != "FAIL" for sts in status.values() for st in sts), rows
     assert status["1"].count("ok") == 8 and status["2"] == ["ok", "ok"] and status["3"][0] == "ok", rows
-    assert r.stdout.strip().splitlines()[-1].endswith("0 failed, 3 skipped")
+    assert status["6"][0] == "ok" and status["6"][-1] == "skip", rows  # fixed-shape = normal; no graphs on CPU
+    assert r.stdout.strip().splitlines()[-1].endswith("0 failed, 4 skipped")

@@ -18,7 +18,7 @@ def _build(tp, pp):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_papo.models.specs import local_layer_spec
+    from megatron_papo.models import local_layer_spec
 
     cfg = TransformerConfig(
         num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,

@@ -18,7 +18,7 @@ S = 1024
 
 
 def _spec():
-    from megatron_papo.models.presets import VisionSpec, VLMSpec
+    from megatron_papo.models import VisionSpec, VLMSpec
 
     return VLMSpec(name="m", num_layers=4, hidden_size=256, num_heads=4, num_kv_heads=2, intermediate_size=768,
                    vocab_size=2048, tie_word_embeddings=False, mrope_section=(8, 12, 12),

@@ -11,78 +11,13 @@ import os
 import pytest
 import torch
 
-from hf_tiny import IMG, VEND, VSTART, make_hf_model, tiny_hf_config
-
-
-def _image_run(grid):
-    return [VSTART] + [IMG] * (int(grid[0] * grid[1] * grid[2]) // 4) + [VEND]
+import vlm_helpers
+from hf_tiny import IMG, VSTART, make_hf_model, tiny_hf_config
+from vlm_helpers import hf_logits, kv_cache_logits, pipeline_logits
 
 
 def make_inputs(seed: int = 0) -> list[dict]:
-    """Text only (b=2), one image (b=1), and b=2 with two images in sample 0 and one in sample 1."""
-    g = torch.Generator().manual_seed(seed)
-    txt = lambda n: torch.randint(0, 240, (n,), generator=g).tolist()
-    cases = [dict(input_ids=torch.tensor([txt(11), txt(11)]))]
-    grid1 = torch.tensor([[1, 8, 12]])
-    cases.append(dict(input_ids=torch.tensor([txt(3) + _image_run(grid1[0]) + txt(5)]), image_grid_thw=grid1))
-    grids = torch.tensor([[1, 4, 4], [1, 8, 4], [1, 4, 8]])
-    s0 = txt(2) + _image_run(grids[0]) + txt(3) + _image_run(grids[1]) + txt(2)
-    s1 = txt(4) + _image_run(grids[2])
-    s1 += txt(len(s0) - len(s1))
-    cases.append(dict(input_ids=torch.tensor([s0, s1]), image_grid_thw=grids))
-    for c in cases:
-        if "image_grid_thw" in c:
-            c["pixel_values"] = torch.randn(int(c["image_grid_thw"].prod(-1).sum()), 1176, generator=g)
-    return cases
-
-
-@torch.no_grad()
-def hf_logits(model, case: dict) -> torch.Tensor:
-    ids = case["input_ids"]
-    out = model(input_ids=ids, pixel_values=case.get("pixel_values"), image_grid_thw=case.get("image_grid_thw"),
-                mm_token_type_ids=(ids == IMG).int(), attention_mask=torch.ones_like(ids))
-    return out.logits.float()
-
-
-@torch.no_grad()
-def megatron_logits(model, case: dict) -> torch.Tensor | None:
-    """Full-vocab logits [b, s, V] on the last stage (None elsewhere); stages hand activations on by p2p."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    kwargs = dict(pixel_values=case.get("pixel_values"), image_grid_thw=case.get("image_grid_thw"),
-                  runtime_gather_output=True)
-    ids = case["input_ids"]
-    if not ps.is_pipeline_first_stage():
-        recv = torch.empty(ids.shape[1], ids.shape[0], model.spec.hidden_size)
-        dist.recv(recv, ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(recv)
-    out = model(ids, **kwargs)
-    if not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out[..., : model.spec.vocab_size].float()
-
-
-@torch.no_grad()
-def kv_cache_logits(model, case: dict, num_decode: int = 2) -> torch.Tensor:
-    """Prefill all but the last num_decode tokens, then decode them one at a time with megatron's static KV
-    cache; returns the logits of the last prefill token and each decoded one [b, 1 + num_decode, V].
-    M-RoPE under the static cache needs the position ids of the whole sequence so far at every step."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-
-    ids = case["input_ids"]
-    pos = model.position_ids(ids, case.get("image_grid_thw"))
-    ctx = StaticInferenceContext(ids.shape[0], ids.shape[1])
-    n = ids.shape[1] - num_decode
-    outs = [model(ids[:, :n], position_ids=pos[:, :, :n], pixel_values=case.get("pixel_values"),
-                  image_grid_thw=case.get("image_grid_thw"), inference_context=ctx, runtime_gather_output=True)]
-    ctx.sequence_len_offset += n
-    for j in range(n, ids.shape[1]):
-        outs.append(model(ids[:, j:j + 1], position_ids=pos[:, :, :j + 1], inference_context=ctx,
-                          runtime_gather_output=True))
-        ctx.sequence_len_offset += 1
-    return torch.cat([o[:, -1:, : model.spec.vocab_size] for o in outs], dim=1)
+    return vlm_helpers.make_inputs("qwen2.5-vl", seed)
 
 
 def _layouts_body(rank, world_size, hf_dir, cases, refs):
@@ -98,7 +33,7 @@ def _layouts_body(rank, world_size, hf_dir, cases, refs):
         model = build_vlm(spec).eval()
         fill_from_hf(model, HFCheckpoint(hf_dir))
         for i, case in enumerate(cases):
-            out = megatron_logits(model, case)
+            out = pipeline_logits(model, case)
             if out is not None:
                 diffs[f"tp{tp}pp{pp}_case{i}"] = (out - refs[i]).abs().max().item()
             if pp == 1 and tp == 2 and i == 2:
@@ -162,7 +97,7 @@ def test_presets_have_published_dimensions():
 
 
 def test_fp8_and_te_requests_fail_clearly_without_support():
-    from megatron_papo.models.specs import check_transformer_impl
+    from megatron_papo.models.common.specs import check_transformer_impl
     from megatron_papo.platform import fp8_available
 
     check_transformer_impl("local", None)
@@ -178,3 +113,18 @@ def test_fp8_and_te_requests_fail_clearly_without_support():
     except ImportError:
         with pytest.raises(ValueError, match="needs Transformer Engine"):
             check_transformer_impl("transformer_engine", None)
+
+
+def test_old_module_paths_reexport_the_new_homes():
+    """Scripts written before the family folders keep importing the same objects."""
+    import megatron_papo.models as models
+    from megatron_papo.models import configs, presets, rope_index, specs, vision, vlm
+    from megatron_papo.models.common import rope_index as common_rope, specs as common_specs
+    from megatron_papo.models.qwen2_5_vl import spec as qwen25_spec, vision as qwen25_vision
+
+    assert vlm.Qwen25VLModel is models.Qwen25VLModel and vlm.build_vlm is models.build_vlm
+    assert vlm.padded_vocab_size is models.padded_vocab_size and presets.VLMSpec is qwen25_spec.VLMSpec
+    assert presets.PRESETS is qwen25_spec.PRESETS and presets.get_preset is qwen25_spec.get_preset
+    assert vision.VisionTower is qwen25_vision.VisionTower and specs.local_layer_spec is common_specs.local_layer_spec
+    assert rope_index.get_rope_index is common_rope.get_rope_index
+    assert configs.check_tp_divisibility is models.check_tp_divisibility

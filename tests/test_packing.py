@@ -2,7 +2,8 @@
 the scoring log-probs of the real rows and of real + masked rows, and the update's loss and gradients with the
 real view alone and with each micro-batch paired with its masked copy (both views), for prompts with images of
 different sizes, a text-only prompt, an image token sampled inside a response and rows of different lengths.
-Under PP every packed micro-batch has the budget's length (padding tail); at PP = 1 its rows' own."""
+Under PP every packed micro-batch has the budget's length (padding tail); at PP = 1 its rows' own. Qwen3-VL runs
+the same checks at PP2, its DeepStack layers split across the stages."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ IMG, VSTART, VEND, PAD = 250, 251, 252, 0
 T, BUDGET = 6, 48
 
 
-def _rows():
-    """9 rows of 3 prompts (two with images, one text-only) and the same rows with other (masked) images."""
+def _rows(patch_dim: int = 1176):
+    """9 rows of 3 prompts (two with images, one text-only) and the same rows with other (masked) images;
+    ``patch_dim``: the family's flattened patch (Qwen2.5-VL 1176, Qwen3-VL 1536)."""
     from megatron_papo.training.sequences import Rows
 
     g = torch.Generator().manual_seed(7)
@@ -30,8 +32,8 @@ def _rows():
             continue
         grid = torch.tensor([grid])
         prompts.append(torch.tensor(txt(2) + [VSTART] + [IMG] * (int(grid.prod()) // 4) + [VEND] + txt(text_len)))
-        images.append((torch.randn(int(grid.prod()), 1176, generator=g), grid))
-        masked.append((torch.randn(int(grid.prod()), 1176, generator=g), grid))
+        images.append((torch.randn(int(grid.prod()), patch_dim, generator=g), grid))
+        masked.append((torch.randn(int(grid.prod()), patch_dim, generator=g), grid))
     n = 3
     resp = torch.randint(3, 200, (3 * n, T), generator=g)
     resp[4, 2] = IMG                                         # a sampled image token: fed as pad, scored as itself
@@ -70,18 +72,18 @@ def _update(model, real, masked, budget: int, adv: torch.Tensor):
     return (sum(float(o["loss"]) for o in out) if out else None), grads, [tuple(m.input_ids.shape) for m in mbs]
 
 
-def _body(rank, world_size):
+def _body(rank, world_size, preset: str = "tiny"):
     from megatron_papo.models import build_vlm
     from megatron_papo.training.scoring import schedule_logprobs
 
     torch.manual_seed(0)
-    model = build_vlm("tiny", vocab_size=256, image_token_id=IMG, vision_start_token_id=VSTART,
+    model = build_vlm(preset, vocab_size=256, image_token_id=IMG, vision_start_token_id=VSTART,
                       params_dtype=torch.float64).double()              # megatron's torch norms stay fp32 else
     with torch.no_grad():                                    # sharper attention / logits than the 0.02 init
         for p in model.parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
-    real, masked = _rows()
+    real, masked = _rows(model.spec.vision.patch_dim)
     out = {}
     for name, rows in (("real", real), ("both", real.concat(masked))):
         plain = schedule_logprobs(model, rows, 4, PAD, IMG, 0.7)
@@ -127,6 +129,11 @@ def test_packed_equals_padded(tp, pp):
     _check(run_multirank(_body, tp * pp, tp=tp, pp=pp, timeout=240), pp)
 
 
+def test_qwen3_packed_equals_padded_across_a_deepstack_split():
+    """Qwen3-VL shares the composition's packed path: PP2 splits its DeepStack layers, so the features ride along."""
+    _check(run_multirank(_body, 2, tp=1, pp=2, timeout=240, args=("qwen3-vl-tiny",)), 2)
+
+
 def test_first_fit_decreasing_and_row_order():
     from megatron_papo.training.packing import first_fit_decreasing, micro_batches, row_lengths, unpack_rows
 
@@ -141,6 +148,22 @@ def test_first_fit_decreasing_and_row_order():
     assert sum(mb.input_ids.shape[1] for mb in mbs) == int(row_lengths(real).sum())  # no padding at all
     back = unpack_rows([mb.row_index.double()[:, None] for mb in mbs], mbs, len(real))
     assert back[:, 0].tolist() == list(range(len(real)))
+
+
+def test_update_micro_batch_rows_are_the_micro_batches_the_update_runs():
+    """What ``vppo_stats=reference`` calls a micro-batch: per mini-batch (6 rows here), the rows of each
+    micro-batch the update builds from it: token-budget bins under packing, runs of micro_batch_size without."""
+    from megatron_papo.training.packing import micro_batches, update_micro_batch_rows
+
+    real, _ = _rows()
+    assert update_micro_batch_rows(real, 6, 4, 0) == [[0, 1, 2, 3], [4, 5], [6, 7, 8]]
+    want = []
+    for a in (0, 6):
+        sub = real.select(list(range(a, min(a + 6, len(real)))))
+        want += [[a + i for i in mb.row_index.tolist()]
+                 for mb in micro_batches(sub, 4, PAD, max_tokens=30, image_token_id=IMG, one_shape=False)]
+    got = update_micro_batch_rows(real, 6, 4, 30)
+    assert got == want and got != [[0, 1, 2, 3], [4, 5], [6, 7, 8]]      # bins by length, not row counts
 
 
 def test_budget_must_hold_the_longest_row():

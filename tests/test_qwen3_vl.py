@@ -14,62 +14,17 @@ import os
 import pytest
 import torch
 
-from hf_tiny import IMG, VEND, VSTART, make_qwen3_model, tiny_qwen3_config
-from test_model_vlm import kv_cache_logits
+import vlm_helpers
+from hf_tiny import IMG, VSTART, make_qwen3_model, tiny_qwen3_config
 from test_rollout import _hf_greedy
+from vlm_helpers import hf_logits, image_run, kv_cache_logits, pipeline_logits
 
-PATCH_DIM = 3 * 2 * 16 * 16
+PATCH_DIM = vlm_helpers.PATCH_DIM["qwen3-vl"]
 NEW = 8
 
 
-def _image_run(grid):
-    return [VSTART] + [IMG] * (int(grid[0] * grid[1] * grid[2]) // 4) + [VEND]
-
-
 def make_inputs(seed: int = 0) -> list[dict]:
-    """Text only (b=2), one image (b=1), and b=2 with two images in sample 0 and one in sample 1."""
-    g = torch.Generator().manual_seed(seed)
-    txt = lambda n: torch.randint(0, 240, (n,), generator=g).tolist()
-    cases = [dict(input_ids=torch.tensor([txt(11), txt(11)]))]
-    grid1 = torch.tensor([[1, 8, 12]])
-    cases.append(dict(input_ids=torch.tensor([txt(3) + _image_run(grid1[0]) + txt(5)]), image_grid_thw=grid1))
-    grids = torch.tensor([[1, 4, 4], [1, 10, 6], [1, 4, 8]])
-    s0 = txt(2) + _image_run(grids[0]) + txt(3) + _image_run(grids[1]) + txt(2)
-    s1 = txt(4) + _image_run(grids[2])
-    s1 += txt(len(s0) - len(s1))
-    cases.append(dict(input_ids=torch.tensor([s0, s1]), image_grid_thw=grids))
-    for c in cases:
-        if "image_grid_thw" in c:
-            c["pixel_values"] = torch.randn(int(c["image_grid_thw"].prod(-1).sum()), PATCH_DIM, generator=g)
-    return cases
-
-
-@torch.no_grad()
-def hf_logits(model, case: dict) -> torch.Tensor:
-    ids = case["input_ids"]
-    out = model(input_ids=ids, pixel_values=case.get("pixel_values"), image_grid_thw=case.get("image_grid_thw"),
-                mm_token_type_ids=(ids == IMG).int(), attention_mask=torch.ones_like(ids))
-    return out.logits.float()
-
-
-@torch.no_grad()
-def pipeline_logits(model, case: dict) -> torch.Tensor | None:
-    """Full-vocab logits [b, s, V] on the last stage (None elsewhere); stages hand activations on by p2p, at the
-    model's pipeline width (hidden states plus any DeepStack features that ride along)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    ids = case["input_ids"]
-    if not ps.is_pipeline_first_stage():
-        recv = torch.empty(ids.shape[1], ids.shape[0], model.pipeline_hidden_size)
-        dist.recv(recv, ps.get_pipeline_model_parallel_prev_rank())
-        model.set_input_tensor(recv)
-    out = model(ids, pixel_values=case.get("pixel_values"), image_grid_thw=case.get("image_grid_thw"),
-                runtime_gather_output=True)
-    if not ps.is_pipeline_last_stage():
-        dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-        return None
-    return out[..., : model.spec.vocab_size].float()
+    return vlm_helpers.make_inputs("qwen3-vl", seed)
 
 
 def _load(hf_dir):
@@ -131,13 +86,12 @@ def _prompts():
     """A text prompt, a one-image prompt and a two-image prompt of different sizes: (input_ids, pixels, grid)."""
     g = torch.Generator().manual_seed(1)
     txt = lambda n: torch.randint(0, 240, (n,), generator=g).tolist()  # noqa: E731
-    img = lambda grid: [VSTART] + [IMG] * (int(grid.prod()) // 4) + [VEND]  # noqa: E731
     one, two = torch.tensor([[1, 4, 8]]), torch.tensor([[1, 6, 4], [1, 4, 4]])
     pixels = lambda grid: torch.randn(int(grid.prod(-1).sum()), PATCH_DIM, generator=g)  # noqa: E731
     return [
         (torch.tensor(txt(7)), None, None),
-        (torch.tensor(txt(3) + img(one[0]) + txt(4)), pixels(one), one),
-        (torch.tensor(txt(2) + img(two[0]) + txt(1) + img(two[1]) + txt(3)), pixels(two), two),
+        (torch.tensor(txt(3) + image_run(one[0]) + txt(4)), pixels(one), one),
+        (torch.tensor(txt(2) + image_run(two[0]) + txt(1) + image_run(two[1]) + txt(3)), pixels(two), two),
     ]
 
 

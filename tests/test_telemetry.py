@@ -41,6 +41,21 @@ def test_vision_flops_by_hand():
     assert big == 2 * 256 * (2 * layer + embed) + 2 * 64 * merger + 4 * 32 * 256 * (256 + 64)
 
 
+def test_qwen3_vision_flops_by_hand():
+    """The family counts its tower: no windows, a two-matrix GELU MLP, the merger and 3 DeepStack mergers."""
+    from megatron_papo.models import get_preset
+    from megatron_papo.training.flops import vision_flops
+
+    spec = get_preset("qwen3-vl-tiny")   # vision: hv 32, depth 3, ffn 64, 16-px patches, deepstack (0, 1, 2)
+    layer = 32 * 96 + 32 * 32 + 2 * 32 * 64
+    embed = 1536 * 32
+    merger = 4 * (128 * 128 + 128 * 64)
+    for side in (8, 16):                  # every block attends over the whole image
+        p = side * side
+        want = 2 * p * (3 * layer + embed) + 2 * (p // 4) * merger + 4 * 32 * p * (3 * p)
+        assert vision_flops(spec, torch.tensor([[1, side, side]])) == want
+
+
 def test_phase_flops_and_mfu():
     from megatron_papo.training.flops import decode_flops, lm_flops, vision_flops
     from megatron_papo.training.sequences import Rows

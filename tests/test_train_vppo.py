@@ -40,9 +40,34 @@ def _run(root: str, init: str, *sets: str) -> dict:
     return {"metrics": metrics, "change": change, "weights": after}
 
 
+def _reference_stats_packed(root: str, init: str) -> dict:
+    """``vppo_stats=reference`` with packing: the micro-batches the consumer is given (``StepLayout``) and the
+    rows of each micro-batch the update's schedule runs, two optimizer steps of 4 rows per RL step."""
+    import megatron_papo.training.rl_step as m
+
+    seen, apply, schedule = {"layout": [], "update": []}, m.apply_consumers, m.run_schedule
+
+    def apply_spy(a, tokens, view_logp, layout, *rest):
+        seen["layout"].append(layout.micro_batch_rows)
+        return apply(a, tokens, view_logp, layout, *rest)
+
+    def schedule_spy(model, mbs, loss_fn, *, forward_only, **kw):
+        seen["update"].append([mb.row_index.tolist() for mb in mbs])
+        return schedule(model, mbs, loss_fn, forward_only=forward_only, **kw)
+
+    m.apply_consumers, m.run_schedule = apply_spy, schedule_spy
+    try:
+        _run(root, init, "algorithm.vppo_stats=reference", "training.max_tokens_per_micro_batch=300",
+             "training.prefix_scoring=false", "training.prompts_per_update=1", "training.micro_batch_size=2")
+    finally:
+        m.apply_consumers, m.run_schedule = apply, schedule
+    return seen
+
+
 def _single_body(rank, world, root, init):
     out = {"tp1": _run(root, init), "no_consumer": _run(root, init, "algorithm.consumers=[]"),
-           "extra_view": _run(root, init, "algorithm.views=[masked,blank]")}
+           "extra_view": _run(root, init, "algorithm.views=[masked,blank]"),
+           "reference_packed": _reference_stats_packed(root, init)}
     out["extra_view"]["weights"] = None
     return out
 
@@ -86,6 +111,15 @@ def test_vppo_tp2_and_pp2_match_tp1(results):
             if layout == "tp2" or rank == 1:                 # loss metrics live on the last pipeline stage
                 for step, (a, b) in enumerate(zip(ref["metrics"], res["metrics"])):
                     _close(a, b, f"{layout} rank {rank} step {step + 1}")
+
+
+def test_reference_stats_follow_the_packed_micro_batches(results):
+    seen = results[0]["reference_packed"]
+    assert len(seen["layout"]) == 2 and len(seen["update"]) == 4         # 2 RL steps x 2 optimizer steps
+    for step, layout in enumerate(seen["layout"]):
+        first, second = seen["update"][2 * step: 2 * step + 2]
+        assert layout == first + [[4 + i for i in rows] for rows in second]
+        assert layout != [[0, 1], [2, 3], [4, 5], [6, 7]]                 # not micro_batch_size rows
 
 
 def test_filter_and_shaping_change_the_update(results):

@@ -148,6 +148,30 @@ def test_reference_shaping_equals_per_minibatch_loop(seed):
     assert torch.allclose(scale, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
+def test_reference_shaping_takes_the_given_micro_batches():
+    """Under packing the micro-batches are token-budget bins (``StepLayout.micro_batch_rows``): each bin's mean."""
+    from megatron_papo.algorithms.consumers import StepLayout
+    from megatron_papo.algorithms.consumers.vppo import reference_shaping_scale
+
+    g = torch.Generator().manual_seed(3)
+    score = torch.rand(8, generator=g, dtype=torch.float64)
+    valid = torch.tensor([True, True, False, True, True, True, True, True])
+    bins = [[2, 0, 5], [1, 4], [3], [6, 7]]                   # mini-batches 0..5 and 6..7
+    scale = reference_shaping_scale(score, valid, 0.8, StepLayout(6, 3, micro_batch_rows=bins))
+    s, v = score.tolist(), valid.tolist()
+    ref = [1.0] * 8
+    for a, b in ((0, 6), (6, 8)):
+        vals = [x for x, ok in zip(s[a:b], v[a:b]) if ok]
+        for rows in bins:
+            if a <= rows[0] < b:
+                got = _scale_ref(s, v, 0.8, min(vals), max(vals), rows)
+                for i in rows:
+                    ref[i] = got[i]
+    assert torch.allclose(scale, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    rows_of_3 = reference_shaping_scale(score, valid, 0.8, StepLayout(6, 3))
+    assert not torch.allclose(scale, rows_of_3)               # the split matters: the test can tell them apart
+
+
 def _dp_body(rank, world, score, valid):
     import torch.distributed as dist
 

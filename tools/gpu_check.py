@@ -12,13 +12,16 @@ Sections (each guarded: an exception or its time limit marks that row FAIL and t
             plan's figure (training/memory_plan.py, 'plan unavailable' where it is absent).
   5 te      Transformer Engine: where it imports, TE-spec logits against the local spec on the same weights and
             one FP8 step per recipe this GPU runs against bf16; where it does not, says so (SKIP).
+  6 graph   graph decode: the engine's fixed-shape decode (row cap, refills) against its normal decode (tokens),
+            then captured as CUDA graphs per batch bucket against the same steps run eagerly (tokens identical),
+            tokens/s of the three; on CPU the graph rows are SKIP.
 
-Timings come from CUDA events (platform.Timer). ``--budget-s`` bounds the whole check (8 minutes on one GPU by
+Timings come from CUDA events (platform.Timer). ``--budget-s`` bounds the whole check (9 minutes on one GPU by
 default); every section also has its own limit. ``--cpu-smoke`` runs the same sections at toy size on the CPU
 (gloo, perf_counter timings) in well under two minutes: that is what CI runs.
 
     make gpu-check                      # installs from .gpu_wheels/ (tools/gpu_wheels.sh) if present, then runs
-    python tools/gpu_check.py [--cpu-smoke] [--sections 1,3] [--budget-s 480] [--json OUT.json]
+    python tools/gpu_check.py [--cpu-smoke] [--sections 1,3] [--budget-s 540] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -286,7 +289,7 @@ def _stack(z: dict):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_papo.models.specs import local_layer_spec
+    from megatron_papo.models import local_layer_spec
     from megatron_papo.platform import device, has_gpu
 
     dtype = torch.bfloat16 if has_gpu() else torch.float32                   # bf16 optimizer is GPU-only
@@ -483,14 +486,88 @@ def section_te(args) -> None:
             OK if finite and close(loss, base, 0.05, 0.02) else FAIL)
 
 
+# --- 6: graph decode -----------------------------------------------------------------------------------------------
+def _graph_runs(z: dict):
+    """(seconds, response ids, stats, tokens) of the normal decode, fixed-shape eager and fixed-shape with graphs
+    (each timed on its second run: one-time costs and graph captures out of it)."""
+    import torch
+
+    from megatron_papo.data.prompts import PromptInputs
+    from megatron_papo.platform import Timer
+    from megatron_papo.rollout import MegatronEngine, SamplingParams
+
+    with tempfile.TemporaryDirectory() as hf_dir:
+        _hf_tiny(hf_dir, z["hidden"], z["layers"], z["vocab"])
+        model = _engine(hf_dir).model
+    num, n = 2 * z["prompts"], 8
+    ids = torch.randint(0, z["vocab"] - 8, (num, z["prompt_len"]), generator=torch.Generator().manual_seed(1))
+    prompts = [PromptInputs(r.clone(), None, None) for r in ids]
+    cap = num * n // 2  # half the rows at once (two groups or more): refills into freed group slots
+    budgets = torch.randint(1, z["new_tokens"] + 1, (num * n,), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for name, kw in (("normal", {}), ("eager", dict(fixed_shape=True, cuda_graphs=False)),
+                     ("graph", dict(fixed_shape=True))):
+        engine = MegatronEngine(model, max_seq_len=4096, eos_ids=[], pad_id=0, max_rows=cap, **kw)
+        engine._layout = _with_budgets(engine._layout, budgets)  # rows end at different lengths: mixed steps
+        params = SamplingParams(greedy=True, max_new_tokens=z["new_tokens"])
+        with torch.no_grad():
+            engine.generate(prompts, n, params, seed=0)
+            with Timer() as t:
+                res = engine.generate(prompts, n, params, seed=0)
+        out[name] = (t.seconds, res.response_ids, dict(engine.last_stats), int(res.lengths.sum()))
+    return out
+
+
+def _with_budgets(layout, budgets):
+    """The engine's layout with row r's token budget cut to budgets[r] (as if it sampled EOS there)."""
+    import torch
+
+    def budgeted(prompts, n, max_new):
+        batch = layout(prompts, n, max_new)
+        batch.limits = torch.minimum(batch.limits, budgets)
+        return batch
+
+    return budgeted
+
+
+def section_graph(args) -> None:
+    from megatron_papo.platform import device, init_model_parallel
+    from megatron_papo.platform.decode_accel import can_capture
+
+    init_model_parallel(1, 1)
+    z = args.sizes["rollout"]
+    out = _graph_runs(z)
+    tokens = out["normal"][3]
+    same = (out["eager"][1] == out["normal"][1]).all(-1).float().mean().item()
+    row("6 graph", "fixed-shape decode rows = normal decode rows", f"{same:.1%}", ">= 90% (100% on CPU)",
+        OK if same >= (0.9 if can_capture(device()) else 1.0) else FAIL)
+    for name in ("normal", "eager", "graph"):
+        s = out[name][0]
+        row("6 graph", f"tokens/s, {name} ({2 * z['prompts']}x8 rows, cap {8 * z['prompts']})", f"{tokens / s:.0f}",
+            f"{out['eager'][0] / s:.2f}x fixed-shape eager" if name == "graph" else "")
+    mixed = out["normal"][2].get("mixed_steps", 0)
+    row("6 graph", "forwards with rows at different steps", mixed, "> 0 (budgets differ)", OK if mixed else FAIL)
+    if not can_capture(device()):
+        row("6 graph", "graph replay tokens = eager tokens", "no CUDA graphs on this device", "", SKIP)
+        return
+    st = out["graph"][2]
+    row("6 graph", "decode steps replayed from graphs", f"{st.get('graph_steps', 0)} of {st.get('steps', 0)}",
+        "all (capture failed: eager fallback)" if not st.get("graph_steps") else "all",
+        OK if st.get("graph_steps") == st.get("steps") else FAIL)
+    equal = bool((out["graph"][1] == out["eager"][1]).all())
+    row("6 graph", "graph replay tokens = eager tokens", "identical" if equal else "differ", "identical",
+        OK if equal else FAIL)
+
+
 # --- driver ---------------------------------------------------------------------------------------------------------
-NAMES = {"1": "1 rl", "2": "2 rollout", "3": "3 mfu", "4": "4 memory", "5": "5 te"}
-SECTIONS = {"1": section_rl, "2": section_rollout, "3": section_mfu, "4": section_memory, "5": section_te}
-GPU = dict(budget=480, limits={"1": 150, "2": 90, "3": 150, "4": 10, "5": 60},
+NAMES = {"1": "1 rl", "2": "2 rollout", "3": "3 mfu", "4": "4 memory", "5": "5 te", "6": "6 graph"}
+SECTIONS = {"1": section_rl, "2": section_rollout, "3": section_mfu, "4": section_memory, "5": section_te,
+            "6": section_graph}
+GPU = dict(budget=540, limits={"1": 150, "2": 90, "3": 150, "4": 10, "5": 60, "6": 60},
            sizes={"rollout": dict(hidden=512, layers=8, vocab=32000, prompts=4, prompt_len=256, new_tokens=128),
                   "stack": dict(layers=4, hidden=3584, heads=28, kv_heads=4, ffn=18944, vocab=152064, seq=4096,
                                 micro_batch=1, micro_batches=2, steps=3)})
-SMOKE = dict(budget=110, limits={"1": 70, "2": 25, "3": 25, "4": 5, "5": 10},
+SMOKE = dict(budget=150, limits={"1": 70, "2": 25, "3": 25, "4": 5, "5": 10, "6": 45},
              sizes={"rollout": dict(hidden=64, layers=2, vocab=512, prompts=2, prompt_len=16, new_tokens=8),
                     "stack": dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn=128, vocab=512, seq=64,
                                   micro_batch=2, micro_batches=2, steps=2)})
@@ -523,8 +600,8 @@ def start_watchdog(seconds: float, title: str) -> None:
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="the same sections at toy size on the CPU (CI)")
-    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated section numbers (default: all)")
-    p.add_argument("--budget-s", type=float, default=None, help="total time limit (default 480 GPU, 110 smoke)")
+    p.add_argument("--sections", default="1,2,3,4,5,6", help="comma-separated section numbers (default: all)")
+    p.add_argument("--budget-s", type=float, default=None, help="total time limit (default 540 GPU, 150 smoke)")
     p.add_argument("--json", help="also write the table as JSON here")
     p.add_argument("--cpu-reference", metavar="DIR", help=argparse.SUPPRESS)  # section 1's fp32 CPU subprocess
     return p.parse_args(argv)

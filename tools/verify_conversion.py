@@ -25,7 +25,7 @@ def _check_args(args) -> str | None:
         return "the Hugging Face side needs `transformers`: pip install transformers (or megatron-papo[test])"
     try:
         from megatron_papo.convert import read_checkpoint_meta
-        from megatron_papo.models.configs import check_tp_divisibility
+        from megatron_papo.models import check_tp_divisibility
 
         check_tp_divisibility(read_checkpoint_meta(args.mcore)[0], args.tp)
     except (ValueError, FileNotFoundError, OSError, KeyError) as exc:

@@ -41,7 +41,7 @@ mp_path_overrides() {
     [[ -n "${RUN_DIR:-}" ]] && MP_PATH_ARGS+=(--set "checkpoint.dir=${RUN_DIR}/checkpoints"
                                               --set "logging.tensorboard_dir=${RUN_DIR}/tensorboard")
     [[ -n "${TRAIN_SHARDS:-}" ]] && MP_PATH_ARGS+=(--set "data.train_shards=${TRAIN_SHARDS}")
-    [[ -n "${EVAL_SHARDS:-}" ]] && MP_PATH_ARGS+=(--set "data.eval_shards=${EVAL_SHARDS}")
+    [[ -n "${VAL_SHARDS:-}" ]] && MP_PATH_ARGS+=(--set "data.val_shards=${VAL_SHARDS}")
     [[ -n "${MODEL_LOAD:-}" ]] && MP_PATH_ARGS+=(--set "model.load=${MODEL_LOAD}")
     [[ -n "${TOKENIZER_DIR:-}" ]] && MP_PATH_ARGS+=(--set "data.tokenizer.path=${TOKENIZER_DIR}")
     return 0

@@ -1,5 +1,6 @@
-"""Hugging Face <-> megatron checkpoint conversion for Qwen2.5-VL (name map in mapping.py) and Qwen3-VL (name map in
-models/qwen3_vl/mapping.py); the family comes from config.json or the checkpoint metadata."""
+"""Hugging Face <-> megatron checkpoint conversion for Qwen2.5-VL and Qwen3-VL (entry kinds and transforms in
+mapping.py, each family's name map in models/<family>/mapping.py); the family comes from config.json or the
+checkpoint metadata."""
 
 from megatron_papo.convert.checkpoint import (
     fill_from_hf,

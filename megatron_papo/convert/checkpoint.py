@@ -20,10 +20,9 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_papo.convert.hf_io import HFCheckpoint, open_hf_checkpoint, write_hf_checkpoint
 from megatron_papo.convert.launch import run_ranks
 from megatron_papo.convert.mapping import tp_shard, to_hf, to_mcore
-from megatron_papo.models.configs import check_tp_divisibility
-from megatron_papo.models.presets import VLMSpec
-from megatron_papo.models.registry import build_vlm, family_of_spec, get_family
-from megatron_papo.models.vlm import Qwen25VLModel
+from megatron_papo.models.common.vlm import VLMBase
+from megatron_papo.models.qwen2_5_vl.spec import VLMSpec
+from megatron_papo.models.registry import build_vlm, check_tp_divisibility, family_of_spec, get_family
 
 META = "megatron_papo_model.json"
 MODEL_DIR = "model"
@@ -57,7 +56,7 @@ def _hf_dtype(cfg: dict) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _global_name(model: Qwen25VLModel, local: str) -> str:
+def _global_name(model: VLMBase, local: str) -> str:
     """Local parameter name -> full-model name (language layers renumbered from this stage's offset)."""
     offset = get_transformer_layer_offset(model.language_model.config)
     m = re.match(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$", local)
@@ -65,7 +64,7 @@ def _global_name(model: Qwen25VLModel, local: str) -> str:
 
 
 @torch.no_grad()
-def fill_from_hf(model: Qwen25VLModel, ckpt: HFCheckpoint) -> None:
+def fill_from_hf(model: VLMBase, ckpt: HFCheckpoint) -> None:
     """Copy this rank's shard of every parameter from an HF checkpoint (through the name map)."""
     spec = model.spec
     entries = {e.mcore: e for e in family_of_spec(spec).mapping().name_map(spec)}
@@ -81,7 +80,7 @@ def fill_from_hf(model: Qwen25VLModel, ckpt: HFCheckpoint) -> None:
         param.copy_(shard)
 
 
-def load_vlm_checkpoint(model: Qwen25VLModel, ckpt_dir: str) -> None:
+def load_vlm_checkpoint(model: VLMBase, ckpt_dir: str) -> None:
     """Load a converted (or trainer-saved) dist checkpoint into this rank's model, at any TP x PP."""
     path = os.path.join(ckpt_dir, MODEL_DIR)
     if not os.path.isdir(path) and os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
@@ -94,7 +93,7 @@ def load_vlm_checkpoint(model: Qwen25VLModel, ckpt_dir: str) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
 
 
-def load_vlm(ckpt_dir: str, **build_kwargs) -> Qwen25VLModel:
+def load_vlm(ckpt_dir: str, **build_kwargs) -> VLMBase:
     """build_vlm from a checkpoint's own architecture and dtype, then load its weights."""
     spec, dtype, _ = read_checkpoint_meta(ckpt_dir)
     build_kwargs.setdefault("params_dtype", dtype)
@@ -143,27 +142,9 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1) -> VLMSpec:
     return spec
 
 
-def hf_config_from_spec(spec: VLMSpec, dtype: torch.dtype) -> dict:
-    """A transformers Qwen2.5-VL config.json for a model that did not come from Hugging Face."""
-    v = spec.vision
-    return {
-        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-        "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads, "vocab_size": spec.vocab_size, "hidden_act": "silu",
-        "rms_norm_eps": spec.rms_eps, "rope_theta": spec.rope_theta,
-        "max_position_embeddings": spec.max_position_embeddings, "tie_word_embeddings": spec.tie_word_embeddings,
-        "rope_scaling": {"type": "mrope", "mrope_section": list(spec.mrope_section)},
-        "image_token_id": spec.image_token_id, "vision_start_token_id": spec.vision_start_token_id,
-        "torch_dtype": next(k for k, val in _DTYPES.items() if val == dtype),
-        "vision_config": {
-            "model_type": "qwen2_5_vl", "depth": v.depth, "hidden_size": v.hidden_size, "num_heads": v.num_heads,
-            "intermediate_size": v.intermediate_size, "out_hidden_size": v.out_hidden_size, "hidden_act": "silu",
-            "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-            "spatial_merge_size": v.spatial_merge_size, "in_channels": v.in_channels, "window_size": v.window_size,
-            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": 2,
-        },
-    }
+def hf_config_from_spec(spec, dtype: torch.dtype) -> dict:
+    """A transformers config.json of the spec's family for a model that did not come from Hugging Face."""
+    return family_of_spec(spec).hf_config_from_spec(spec, next(k for k, val in _DTYPES.items() if val == dtype))
 
 
 def _export_rank(mcore_dir: str, out_dir: str) -> None:

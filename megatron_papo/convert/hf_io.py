@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_papo.convert.mapping import normalise_hf_name
-from megatron_papo.models.presets import VLMSpec
+from megatron_papo.models.qwen2_5_vl.spec import VLMSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 
 import torch.distributed as dist
 
@@ -34,13 +35,14 @@ def evaluate_command(args) -> int:
     settings = settings_from_args(args)                      # bad flags fail before any process group starts
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0 (0: all questions), got {args.limit}")
-    questions = load_questions(args.data, args.limit or 0)
+    read_skips = []
+    questions = load_questions(args.data, args.limit or 0, skipped=read_skips)
     check_checkpoint(args.checkpoint)
     tp, pp, dp = layout(launch_info().world_size, args.tp, args.pp)
     info = init_distributed()
     init_model_parallel(tp=tp, pp=pp, seed=settings.seed)
     try:
-        result = _run(args, settings, questions, (tp, pp, dp))
+        result = _run(args, settings, questions, (tp, pp, dp), read_skips)
         if info.rank == 0:
             _print(result, args)
     finally:
@@ -49,7 +51,12 @@ def evaluate_command(args) -> int:
     return 0
 
 
-def _run(args, settings, questions: list, tpd: tuple) -> dict:
+def skip_summary(skipped: list) -> dict:
+    """``{"count", "by_reason", "samples"}`` of the skipped samples (each with shard, key, reason, detail)."""
+    return {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)), "samples": skipped}
+
+
+def _run(args, settings, questions: list, tpd: tuple, read_skips: list) -> dict:
     from megatron_papo.evaluation.report import FORMAT_VERSION, TOOL
     from megatron_papo.evaluation.run import evaluate
     from megatron_papo.models import family_of_spec
@@ -72,7 +79,8 @@ def _run(args, settings, questions: list, tpd: tuple) -> dict:
             "speed": {"seconds": round(secs, 2), "questions_per_s": len(questions) / secs,
                       "answers_per_s": answers / secs},
             "checkpoint": str(loaded.path), "k": settings.k, "temperature": settings.temperature,
-            "datasets": res["datasets"], "records": res["records"]}
+            "datasets": res["datasets"], "skipped": skip_summary(read_skips + res["skipped"]),
+            "records": res["records"]}
 
 
 def _print(result: dict, args) -> None:
@@ -86,6 +94,10 @@ def _print(result: dict, args) -> None:
     paper = paper_table(result["datasets"], s["k"])
     if paper:
         print(paper)
+    sk = result["skipped"]
+    if sk["count"]:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(sk["by_reason"].items()))
+        print(f"skipped {sk['count']} samples ({reasons}); shard and key of each under 'skipped' in the JSON")
     print(f"layout TP={lay['tp']} PP={lay['pp']} DP={lay['dp']}: {sp['seconds']:.1f} s, "
           f"{sp['questions_per_s']:.2f} questions/s, {sp['answers_per_s']:.1f} answers/s")
     if args.out:

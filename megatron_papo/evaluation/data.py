@@ -22,9 +22,10 @@ def question_id(sample: dict) -> str:
     return f"{shard.parent.name}/{shard.stem}/{sample['key']}"
 
 
-def iter_questions(spec: str, limit: int = 0, field: str = "--data") -> Iterator[dict]:
-    """Every good sample of the shards once, in shard order (bad ones are skipped, as in training), each with
-    ``id`` and ``index`` added; at most ``limit`` (0: all)."""
+def iter_questions(spec: str, limit: int = 0, field: str = "--data",
+                   skipped: Optional[list] = None) -> Iterator[dict]:
+    """Every good sample of the shards once, in shard order (bad ones are skipped, as in training, and appended to
+    ``skipped`` as ``{shard, key, reason, detail}``), each with ``id`` and ``index`` added; at most ``limit``."""
     from megatron_papo.data import resolve_shards
     from megatron_papo.data.reader import decode_sample
     from megatron_papo.data.shards import BadSample, iter_raw_groups
@@ -36,6 +37,8 @@ def iter_questions(spec: str, limit: int = 0, field: str = "--data") -> Iterator
                 sample = decode_sample(shard, key, group)     # the training reader's checks and caps
             except BadSample as bad:
                 print(f"skipped: {bad}", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append({"shard": bad.shard, "key": bad.key, "reason": bad.reason, "detail": bad.detail})
                 continue
             sample["id"], sample["index"] = question_id(sample), count
             yield sample
@@ -44,9 +47,9 @@ def iter_questions(spec: str, limit: int = 0, field: str = "--data") -> Iterator
                 return
 
 
-def load_questions(spec: str, limit: int = 0, field: str = "--data") -> list[dict]:
+def load_questions(spec: str, limit: int = 0, field: str = "--data", skipped: Optional[list] = None) -> list[dict]:
     """:func:`iter_questions` as a list; an empty result is a one-line error naming the field."""
-    questions = list(iter_questions(spec, limit, field))
+    questions = list(iter_questions(spec, limit, field, skipped))
     if not questions:
         raise ValueError(f"{field} {spec}: no usable samples (each needs a json with question and answer); "
                          "check the shards with tools/inspect_shards.py")

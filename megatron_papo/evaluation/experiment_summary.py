@@ -76,20 +76,24 @@ def _overall(path: Path) -> dict:
 
 
 def read_curves(tb_dir: Path) -> dict:
-    """Per-step scalars of a run's tensorboard events: {tag: [values by step]}."""
+    """Per-step scalars of a run's tensorboard events: {tag: [values by step]}.
+
+    The trainer writes each start of a run into its own ``run-<date>-<time>`` directory under ``tb_dir``
+    (``training.logging.run_directory``); they are read in name (= start time) order, so where a resumed start
+    repeats steps the later start's values are kept. Events directly in ``tb_dir`` (older runs) are read first."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not tb_dir.is_dir():
         return {}
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = set(acc.Tags().get("scalars", []))
-    out = {}
-    for tag in CURVES:
-        if tag in tags:
-            by_step = {e.step: e.value for e in acc.Scalars(tag)}      # a resumed run may repeat steps: keep last
-            out[tag] = [by_step[s] for s in sorted(by_step)]
-    return out
+    by_tag: dict = {}
+    for events_dir in [tb_dir] + sorted(d for d in tb_dir.iterdir() if d.is_dir()):
+        acc = EventAccumulator(str(events_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = set(acc.Tags().get("scalars", []))
+        for tag in CURVES:
+            if tag in tags:
+                by_tag.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return {tag: [steps[s] for s in sorted(steps)] for tag, steps in by_tag.items()}
 
 
 def collect(spec) -> dict:

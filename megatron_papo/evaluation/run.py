@@ -7,12 +7,16 @@ same whatever the batch size or layout); records are gathered over the data-para
 question index, so every rank ends with all of them. With ``settings.perception`` each batch is answered again
 with the masked and with the blank image (same streams: the views differ only in the pixels, which pairs the
 draws and lowers the variance of the reliance), and the real answers are scored for the real-vs-masked KL.
+A question whose prompt cannot be encoded (the processor rejects its image, or it is longer than
+``max_prompt_length`` tokens) is skipped and recorded with its shard, key and reason, as the training reader
+does; the others keep their sampling streams.
 
 Legend: P questions of a batch, k answers each, N = P*k rows (question-major).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -20,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_papo.data.prompts import encode_prompt
+from megatron_papo.data.shards import BadSample
 from megatron_papo.evaluation.data import my_chunks, prepared_images
 from megatron_papo.evaluation.metrics import summarize
 from megatron_papo.evaluation.perception import blank_images, masked_images, perception_kl, view_prompt
@@ -37,7 +42,8 @@ def _dp() -> tuple[int, int, object]:
 
 def evaluate(model, tokenizer, processor, questions: list, settings, *, progress: bool = True,
              max_prompt_length: int = 16384) -> dict:
-    """``{"datasets": metrics per data set + "overall", "records": [...], "seconds": float}`` on every rank.
+    """``{"datasets": metrics per data set + "overall", "records": [...], "skipped": [...], "seconds": float}`` on
+    every rank (``skipped``: the questions whose prompt could not be encoded, with shard, key and reason).
 
     ``questions``: samples with ``id``, ``index`` (global, 0..), ``dataset``, ``question``, ``answer``, ``images``
     (``evaluation.data.load_questions``), the same list on every rank.
@@ -45,24 +51,65 @@ def evaluate(model, tokenizer, processor, questions: list, settings, *, progress
     from megatron_papo.rollout import MegatronEngine
 
     dp_rank, dp_size, dp_group = _dp()
-    engine = MegatronEngine(model, max_seq_len=max_prompt_length + settings.max_new_tokens, tokenizer=tokenizer)
+    engine = MegatronEngine(model, max_seq_len=max_prompt_length + settings.max_new_tokens, tokenizer=tokenizer,
+                            max_rows=settings.max_batch_rows)
     rounds = my_chunks(len(questions), settings.batch_size, dp_rank, dp_size)
     bar = _bar(len(questions), progress)
-    t0, records, dev = time.perf_counter(), [], next(model.parameters()).device
+    t0, records, skipped, dev = time.perf_counter(), [], [], next(model.parameters()).device
     with eval_mode(unwrap(model)):
         for chunk in rounds:
-            batch = [questions[i] for i in chunk]
-            if batch:
-                records += _answer_batch(engine, model, tokenizer, processor, batch, settings)
-            done = torch.tensor([len(batch)], device=dev)        # collectives on the backend's device
+            encoded = [_encode(tokenizer, processor, questions[i], settings, max_prompt_length) for i in chunk]
+            skipped += [e for e in encoded if isinstance(e, dict)]
+            for run in _consecutive([e for e in encoded if not isinstance(e, dict)]):
+                records += _answer_batch(engine, model, tokenizer, processor, run, settings)
+            done = torch.tensor([len(chunk)], device=dev)        # collectives on the backend's device
             if dp_size > 1:
                 dist.all_reduce(done, group=dp_group)
             if bar is not None:
                 bar.update(int(done))
     if bar is not None:
         bar.close()
-    records = _gather(records, dp_size, dp_group)
-    return {"datasets": summarize(records, settings.k), "records": records, "seconds": time.perf_counter() - t0}
+    records, skipped = _gather(records, dp_size, dp_group), _gather(skipped, dp_size, dp_group)
+    return {"datasets": summarize(records, settings.k), "records": records, "skipped": skipped,
+            "seconds": time.perf_counter() - t0}
+
+
+def _encode(tokenizer, processor, q: dict, settings, max_prompt_length: int):
+    """``(question, images, prompt)``, or the skip record of a question whose prompt cannot be encoded or is
+    longer than ``max_prompt_length`` tokens."""
+    try:
+        images = prepared_images(q, settings.harness_pixels)
+        prompt = encode_prompt(tokenizer, processor, q["question"], images)
+    except Exception as exc:  # noqa: BLE001 - a question the processor or template cannot take is a counted skip
+        return _skip(q, "bad_prompt", f"{type(exc).__name__}: {exc}")
+    if len(prompt) > max_prompt_length:
+        return _skip(q, "prompt_too_long", f"{len(prompt)} tokens > max_prompt_length={max_prompt_length}")
+    return q, images, prompt
+
+
+def _skip(q: dict, reason: str, detail: str) -> dict:
+    """The skip record (id, index, shard, key, reason, detail), announced on the console as the reader does."""
+    bad = BadSample(reason, q.get("shard", "?"), q.get("key", q["id"]), detail)
+    if _announces():
+        print(f"skipped: {bad}", file=sys.stderr)
+    return {"id": q["id"], "index": q["index"], "shard": bad.shard, "key": bad.key, "reason": reason,
+            "detail": detail}
+
+
+def _consecutive(encoded: list) -> list[list]:
+    """Runs of consecutive question indices (question i draws streams i*k.., so a skipped one splits a batch)."""
+    runs = []
+    for e in encoded:
+        if runs and runs[-1][-1][0]["index"] + 1 == e[0]["index"]:
+            runs[-1].append(e)
+        else:
+            runs.append([e])
+    return runs
+
+
+def _announces() -> bool:
+    """One rank of each model-parallel group prints (they all encode the same questions)."""
+    return not parallel_state.model_parallel_is_initialized() or parallel_state.get_model_parallel_group().rank() == 0
 
 
 def _bar(total: int, progress: bool):
@@ -81,10 +128,9 @@ def _gather(records: list, dp_size: int, group) -> list:
     return sorted(records, key=lambda r: r["index"])
 
 
-def _answer_batch(engine, model, tokenizer, processor, batch: list, settings) -> list:
-    """Records of one batch (P questions, consecutive global indices)."""
-    images = [prepared_images(q, settings.harness_pixels) for q in batch]
-    prompts = [encode_prompt(tokenizer, processor, q["question"], im) for q, im in zip(batch, images)]
+def _answer_batch(engine, model, tokenizer, processor, encoded: list, settings) -> list:
+    """Records of one batch (P encoded questions, consecutive global indices)."""
+    batch, images, prompts = (list(x) for x in zip(*encoded))
     first = batch[0]["index"]
     assert all(q["index"] == first + i for i, q in enumerate(batch)), "a batch holds consecutive questions"
     gen = lambda ps: engine.generate(ps, settings.k, settings.sampling(), seed=settings.seed,  # noqa: E731

@@ -29,6 +29,7 @@ class EvalSettings:
     harness_pixels: Optional[tuple] = None      # (min, max) area pre-resize of the PAPO harness, None: off
     protocol: Optional[str] = None              # "papo-eval" or None
     batch_size: int = 16                        # questions per generation batch and rank (speed only)
+    max_batch_rows: int = 0                     # rows in flight in the engine at most (memory only; 0: no cap)
 
     def __post_init__(self):
         if self.k < 1:
@@ -37,6 +38,8 @@ class EvalSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.max_batch_rows == 0 or self.max_batch_rows >= self.k):
+            raise ValueError(f"--max-batch-rows must be 0 (no cap) or >= --k ({self.k}), got {self.max_batch_rows}")
         if not 0.0 <= self.mask_ratio <= 1.0:
             raise ValueError(f"--mask-ratio must be in [0, 1], got {self.mask_ratio}")
 
@@ -50,6 +53,7 @@ class EvalSettings:
         d = dataclasses.asdict(self)
         d["harness_pixels"] = list(self.harness_pixels) if self.harness_pixels else None
         d.pop("batch_size")
+        d.pop("max_batch_rows")
         return d
 
 
@@ -65,7 +69,8 @@ def settings_from_args(args) -> EvalSettings:
     contradict it (a protocol run must be the protocol)."""
     base = dict(k=args.k, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                 max_new_tokens=args.max_new_tokens, seed=args.seed, perception=args.perception,
-                mask_ratio=args.mask_ratio, batch_size=args.batch_size)
+                mask_ratio=args.mask_ratio, batch_size=args.batch_size,
+                max_batch_rows=getattr(args, "max_batch_rows", None))
     if not args.protocol:
         return EvalSettings(**{k: (v if v is not None else _DEFAULTS[k]) for k, v in base.items()})
     proto = PROTOCOLS[args.protocol]

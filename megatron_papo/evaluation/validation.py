@@ -26,7 +26,8 @@ class Validator:
         self.max_prompt_length = cfg.data.max_prompt_length
         self.settings = EvalSettings(k=t.eval_k, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                      max_new_tokens=r.max_new_tokens, seed=t.seed, perception=True,
-                                     mask_ratio=a.mask_ratio, mask_patch_size=a.mask_patch_size, mask_fill=a.mask_fill)
+                                     mask_ratio=a.mask_ratio, mask_patch_size=a.mask_patch_size, mask_fill=a.mask_fill,
+                                     max_batch_rows=max(r.max_batch_rows, t.eval_k) if r.max_batch_rows else 0)
 
     @classmethod
     def build(cls, cfg) -> Optional["Validator"]:
@@ -51,5 +52,5 @@ class Validator:
         logger.info(f"validation step {step}: avg@{k} {m['avg@k']:.4f} | pass@{k} {m['pass@k']:.4f} | masked "
                     f"{m['avg@k_masked']:.4f} | blank {m['avg@k_blank']:.4f} | reliance {m['reliance_masked']:+.4f}"
                     f" / {m['reliance_blank']:+.4f} | kl {m['kl_exact']:.3g} | {len(self.questions)} questions, "
-                    f"{res['seconds']:.1f} s")
+                    f"{res['seconds']:.1f} s" + (f", {len(res['skipped'])} skipped" if res["skipped"] else ""))
         return metrics

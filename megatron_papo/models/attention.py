@@ -133,8 +133,8 @@ class SDPAttention(MegatronModule):
     def _own_part(self, q: torch.Tensor, kv: "SharedPrefixKV", sq: int):
         """The rows' own (response) keys: softmax output [b, ng, sq*rep, hn] and log-sum-exp [b, ng, sq*rep].
 
-        Decoding (sq = 1) sees every own key; scoring masks the keys after each query (causal, bottom-right
-        aligned). A mask here is additive ([b|1, 1, sq*rep, t] float, -inf = not a key); every query must keep
+        Decoding (sq = 1) sees every own key, or with ``own_len`` (rows at different steps) row i its first
+        own_len[i]; scoring masks the keys after each query (causal, bottom-right aligned). A mask here is additive ([b|1, 1, sq*rep, t] float, -inf = not a key); every query must keep
         at least one key (its own position always is one)."""
         bias = None
         if sq > 1:
@@ -142,7 +142,10 @@ class SDPAttention(MegatronModule):
             causal = torch.ones(sq, t, dtype=torch.bool, device=q.device).tril(diagonal=t - sq)  # [sq, t]
             causal = causal.repeat_interleave(rep, dim=0)  # [sq*rep, t], query-major like q
             bias = torch.zeros(causal.shape, dtype=q.dtype, device=q.device).masked_fill_(~causal, float("-inf"))
-        return softmax_part(q, kv.own_key, kv.own_value, self.softmax_scale, bias)
+        elif kv.own_len is not None:  # rows at different response steps: row i has own_len[i] keys so far
+            late = torch.arange(kv.own_key.shape[2], device=q.device) >= kv.own_len[:, None, None, None]
+            bias = torch.zeros(late.shape, dtype=q.dtype, device=q.device).masked_fill_(late, float("-inf"))
+        return softmax_part(q, kv.own_key, kv.own_value, self.softmax_scale, bias)  # bias [b|1, 1, w|1, t]
 
     @staticmethod
     def _prefix_part(q: torch.Tensor, kv: "SharedPrefixKV", scale: float):
@@ -209,7 +212,9 @@ class SharedPrefixKV:
 
     prefix_key / prefix_value ``[P, ng, L, hn]`` (keys rotated), prefix_keep ``[P, L]`` bool (False on left
     padding), row_counts: rows per prompt (rows are prompt-major), own_key / own_value ``[b, ng, t, hn]``: each
-    row's response so far, the current token(s) included. Built by ``megatron_papo.rollout.kv_cache``.
+    row's response so far, the current token(s) included; with ``own_len`` (rows at different steps: continuous
+    batching, fixed-shape decode) row i's first own_len[i] keys only, the rest masked.
+    Built by ``megatron_papo.rollout.kv_cache``.
     """
 
     prefix_key: torch.Tensor
@@ -219,6 +224,7 @@ class SharedPrefixKV:
     own_key: torch.Tensor
     own_value: torch.Tensor
     prefix_padded: bool = True  # False: every prompt position is a real token (no mask to apply)
+    own_len: Optional[torch.Tensor] = None  # [b] int64 own keys of each row (None: all t; decoding only)
 
 
 class RopeCachingSelfAttention(SelfAttention):

@@ -1,7 +1,9 @@
 """Model families by name: what differs between Qwen2.5-VL and Qwen3-VL, chosen once at build or load time.
 
-A ``Family`` bundles the spec type and presets, the builder of this rank's model, the Hugging Face config reader
-and writer, the checkpoint name map, the image processor and the masking cell. Callers look a family up by
+A ``Family`` bundles the spec type and presets, the model class of this rank's part, the Hugging Face config
+reader and writer, the checkpoint name map, the image processor, the masking cell, and the parameter and vision
+FLOP counts. A new family is a folder beside ``qwen2_5_vl/`` and ``qwen3_vl/`` (built on ``common/``) plus an entry
+in ``FAMILIES``. Callers look a family up by
 preset name (``family_of_preset``), by spec (``family_of_spec``), by a Hugging Face config.json
 (``family_of_hf_config``) or by the ``family`` recorded in checkpoint metadata (``get_family``; checkpoints
 written before families existed are Qwen2.5-VL).
@@ -18,11 +20,14 @@ from typing import Callable
 import torch
 from megatron.core import parallel_state
 
-from megatron_papo.models import presets as qwen25
-from megatron_papo.models import qwen3_vl
-from megatron_papo.models.specs import check_transformer_impl
+from megatron_papo.models import fp8_padding, qwen2_5_vl, qwen3_vl
+from megatron_papo.models.common.specs import check_transformer_impl
+from megatron_papo.models.qwen2_5_vl import counts as qwen25_counts
+from megatron_papo.models.qwen2_5_vl import spec as qwen25_spec
+from megatron_papo.models.qwen3_vl import counts as qwen3_counts
+from megatron_papo.platform import device
 
-LEGACY_FAMILY = "qwen2.5-vl"
+LEGACY_FAMILY = qwen2_5_vl.FAMILY
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,10 @@ class Family:
     name: str
     spec_type: type
     presets: dict
-    # (spec, **build options) -> this rank's model
-    build: Callable
+    # this rank's part of the model: model_class(spec, **build options)
+    model_class: type
+    # (spec, tp) -> ValueError naming the dimension tp does not divide
+    check_tp_divisibility: Callable
     is_hf_config: Callable[[dict], bool]
     spec_from_hf_config: Callable
     # (spec, dtype name) -> transformers config.json dict
@@ -47,30 +54,8 @@ class Family:
     hf_architecture: str
     # (spec, tp) -> parameters per rank of (one language layer, the vision tower), for --dry-run
     param_counts: Callable
-
-
-def _build_qwen25(spec, *, transformer_impl, fp8, fp8_recipe, params_dtype, freeze_vision, pre_process,
-                  post_process, recompute):
-    from megatron_papo.models.configs import check_tp_divisibility
-    from megatron_papo.models.vlm import Qwen25VLModel
-
-    check_tp_divisibility(spec, parallel_state.get_tensor_model_parallel_world_size())
-    return Qwen25VLModel(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
-                         params_dtype=params_dtype, freeze_vision=freeze_vision, pre_process=pre_process,
-                         post_process=post_process, recompute=recompute)
-
-
-def _qwen25_from_dict(d: dict):
-    d = dict(d)
-    v = dict(d.pop("vision"))
-    vision = qwen25.VisionSpec(**{**v, "fullatt_block_indexes": tuple(v["fullatt_block_indexes"])})
-    return qwen25.VLMSpec(**{**d, "mrope_section": tuple(d["mrope_section"]), "vision": vision})
-
-
-def _qwen25_hf_config(spec, dtype_name: str) -> dict:
-    from megatron_papo.convert.checkpoint import _DTYPES, hf_config_from_spec
-
-    return hf_config_from_spec(spec, _DTYPES[dtype_name])
+    # (spec, grid_thw [n, 3]) -> forward FLOPs of the vision tower and its merger(s) (training.flops)
+    vision_flops: Callable
 
 
 def _processor(patch_size: int, mean, std, default_min: int, default_max: int):
@@ -96,30 +81,27 @@ def _qwen25_counts(spec, tp: int):
     return qwen25_param_counts(spec, tp)
 
 
-def _qwen3_counts(spec, tp: int):
-    from megatron_papo.models.qwen3_vl.counts import param_counts
-
-    return param_counts(spec, tp)
-
-
 _CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 FAMILIES: dict[str, Family] = {
-    LEGACY_FAMILY: Family(
-        name=LEGACY_FAMILY, spec_type=qwen25.VLMSpec, presets=qwen25.PRESETS, build=_build_qwen25,
-        is_hf_config=lambda cfg: cfg.get("model_type") == "qwen2_5_vl"
-        or "Qwen2_5_VLForConditionalGeneration" in (cfg.get("architectures") or []),
-        spec_from_hf_config=qwen25.spec_from_hf_config, hf_config_from_spec=_qwen25_hf_config,
-        spec_from_dict=_qwen25_from_dict, mapping=_mapping("megatron_papo.convert.mapping"),
+    qwen2_5_vl.FAMILY: Family(
+        name=qwen2_5_vl.FAMILY, spec_type=qwen2_5_vl.VLMSpec, presets=qwen2_5_vl.PRESETS,
+        model_class=qwen2_5_vl.Qwen25VLModel, check_tp_divisibility=qwen2_5_vl.check_tp_divisibility,
+        is_hf_config=qwen25_spec.is_hf_config, spec_from_hf_config=qwen2_5_vl.spec_from_hf_config,
+        hf_config_from_spec=qwen25_spec.hf_config_from_spec, spec_from_dict=qwen25_spec.spec_from_dict,
+        mapping=_mapping("megatron_papo.models.qwen2_5_vl.mapping"),
         image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
-        hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=_qwen25_counts),
+        hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=_qwen25_counts,
+        vision_flops=qwen25_counts.vision_flops),
     qwen3_vl.FAMILY: Family(
-        name=qwen3_vl.FAMILY, spec_type=qwen3_vl.Qwen3VLSpec, presets=qwen3_vl.PRESETS, build=qwen3_vl.build,
+        name=qwen3_vl.FAMILY, spec_type=qwen3_vl.Qwen3VLSpec, presets=qwen3_vl.PRESETS,
+        model_class=qwen3_vl.Qwen3VLModel, check_tp_divisibility=qwen3_vl.check_tp_divisibility,
         is_hf_config=qwen3_vl.spec.is_qwen3_vl_config, spec_from_hf_config=qwen3_vl.spec_from_hf_config,
         hf_config_from_spec=qwen3_vl.spec.hf_config_from_spec, spec_from_dict=qwen3_vl.spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen3_vl.mapping"),
         image_processor=_processor(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216), patch_size=16,
-        hf_architecture="Qwen3VLForConditionalGeneration", param_counts=_qwen3_counts),
+        hf_architecture="Qwen3VLForConditionalGeneration", param_counts=qwen3_counts.param_counts,
+        vision_flops=qwen3_counts.vision_flops),
 }
 
 
@@ -163,11 +145,17 @@ def spec_from_hf_config(cfg: dict, name: str = "hf"):
     return family_of_hf_config(cfg).spec_from_hf_config(cfg, name=name)
 
 
+def check_tp_divisibility(spec, tp: int) -> None:
+    """ValueError naming the dimension of ``spec`` (any family) that the tensor-parallel size ``tp`` does not divide."""
+    family_of_spec(spec).check_tp_divisibility(spec, tp)
+
+
 def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | None = None,
               vision_start_token_id: int | None = None, transformer_impl: str = "local", fp8: str | None = None,
               fp8_recipe: str = "delayed", params_dtype: torch.dtype = torch.float32, freeze_vision: bool = False,
-              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False):
-    """This rank's part of a VLM of any family (megatron parallel_state must be initialised).
+              pre_process: bool | None = None, post_process: bool | None = None, recompute: bool = False,
+              sequence_parallel: bool = False):
+    """This rank's part of a VLM of any family (megatron parallel_state must be initialised), on this rank's device.
 
     ``preset``: a preset name or a spec; vocab_size / image_token_id / vision_start_token_id override it (the
     tokenizer decides them).
@@ -177,11 +165,15 @@ def build_vlm(preset, *, vocab_size: int | None = None, image_token_id: int | No
                                           vision_start_token_id=vision_start_token_id).items() if val is not None}
     spec = dataclasses.replace(spec, **overrides)
     spec.validate()
-    check_transformer_impl(transformer_impl, fp8)
+    check_transformer_impl(transformer_impl, fp8, fp8_recipe)
+    check_tp_divisibility(spec, parallel_state.get_tensor_model_parallel_world_size())
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    return family_of_spec(spec).build(spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe,
-                                      params_dtype=params_dtype, freeze_vision=freeze_vision,
-                                      pre_process=pre_process, post_process=post_process, recompute=recompute)
+    fp8_padding.configure(fp8, fp8_recipe)      # micro-batches are padded to FP8's token alignment
+    model = family_of_spec(spec).model_class(
+        spec, transformer_impl=transformer_impl, fp8=fp8, fp8_recipe=fp8_recipe, params_dtype=params_dtype,
+        freeze_vision=freeze_vision, pre_process=pre_process, post_process=post_process, recompute=recompute,
+        sequence_parallel=sequence_parallel)
+    return model.to(device())                    # built on the CPU (use_cpu_initialization), run on this rank's GPU

@@ -94,11 +94,18 @@ def can_capture(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def capture(step: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2):
+def graph_pool(device: torch.device):
+    """A memory pool the graphs of one decode loop can share (they never replay at the same time, and the caller
+    copies each replay's output out before the next), or None where there are no graphs."""
+    return torch.cuda.graph_pool_handle() if can_capture(device) else None
+
+
+def capture(step: Callable[[], torch.Tensor], device: torch.device, warmup: int = 2, pool=None):
     """Record ``step`` (reading and writing only tensors allocated before the call: its static inputs and
     buffers) as a CUDA graph; returns ``replay() -> output`` or None when capture is impossible here (not a CUDA
     device, or the step does something a graph cannot hold: a host sync, a new allocation shape, a collective
-    the backend cannot capture), in which case the caller runs ``step`` eagerly."""
+    the backend cannot capture), in which case the caller runs ``step`` eagerly. ``pool``: from ``graph_pool``,
+    to share one memory pool among a loop's graphs (None: a private pool each)."""
     if not can_capture(device):
         return None
     try:
@@ -109,7 +116,7 @@ def capture(step: Callable[[], torch.Tensor], device: torch.device, warmup: int 
                 step()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             out = step()
     except RuntimeError:
         return None

@@ -8,7 +8,6 @@ import re
 import socket
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from megatron_papo.platform import cpu_compat

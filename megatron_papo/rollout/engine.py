@@ -10,7 +10,10 @@ How a call runs:
    (Qwen2.5-VL's rope delta); tokens are sampled on the last stage from vocab-parallel logits and broadcast to
    every stage;
 3. rows finish independently (EOS, a stop string, their token budget); finished rows are dropped from the KV
-   cache and the batch once enough of them accumulate, so they stop costing compute.
+   cache and the batch once enough of them accumulate, so they stop costing compute;
+4. with a row cap (``max_rows``, ``rollout.max_batch_rows``) at most that many rows are in flight: prompts wait
+   and join the running batch as whole groups when rows finish (continuous batching, ``rollout.scheduler``; on
+   megatron's own cache: consecutive static waves of ``max_rows // n`` prompts). Same outputs as without a cap.
 
 Every rank of the model-parallel group returns the same ``RolloutOutput``. Greedy decoding gives the same
 tokens at any TP x PP; sampling does too up to float rounding (draws are keyed by seed, row and step).
@@ -31,9 +34,10 @@ from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttentio
 from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.fast_decode import packed_linears
-from megatron_papo.rollout.kv_cache import SharedPrefixContext
+from megatron_papo.rollout.graph_decode import FixedShapeDecoder
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
+from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
 
 _EOS, _STOP, _LENGTH = 1, 2, 3
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
@@ -57,18 +61,25 @@ class MegatronEngine:
     strings; max_seq_len: longest prompt + response a row may reach; pad_id: fills ``response_ids``;
     packed_weights: on CPU, run the linear layers on weights prepacked once per call (``fast_decode``);
     banned_ids: tokens never sampled (default: the model's image and vision-start tokens, which a response
-    cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features).
+    cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features);
+    max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n);
+    fixed_shape: decode on fixed-size buffers (``rollout.graph_decode``), each step captured as a CUDA graph per
+    batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions);
+    cuda_graphs: with fixed_shape, whether to capture (False: the same fixed-shape steps, eager).
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
-                 compact_fraction: float = 0.25, packed_weights: bool = True):
+                 compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0,
+                 fixed_shape: bool = False, cuda_graphs: bool = True):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
             eos_ids = getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id]
         if max_seq_len < 2:
             raise ValueError(f"MegatronEngine: max_seq_len must be >= 2, got {max_seq_len}")
+        if max_rows < 0:
+            raise ValueError(f"MegatronEngine: max_rows must be >= 0 (0: no cap), got {max_rows}")
         self.stages = Stages(model)
         self.model = model
         layers = self.stages.model.language_model.decoder.layers
@@ -84,6 +95,13 @@ class MegatronEngine:
         self.prefill_batch_size = max(1, prefill_batch_size)
         self.compact_fraction = compact_fraction
         self.packed_weights = packed_weights  # CPU: matmuls on weights prepacked once per call (fast_decode)
+        self.max_rows = max_rows  # rows in flight at most (0: every row of a call at once)
+        if fixed_shape and not self.shared_cache:
+            raise ValueError("MegatronEngine: fixed_shape decode needs the shared-prompt cache (the local layer "
+                             "spec's attention); use fixed_shape=False with this spec")
+        self.fixed_shape = fixed_shape  # decode on fixed buffers, CUDA graphs per bucket (rollout.graph_decode)
+        self.cuda_graphs = cuda_graphs  # fixed_shape: capture the steps where the device can (False: eager)
+        self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
         if banned_ids is None:
@@ -99,20 +117,23 @@ class MegatronEngine:
         self._validate(prompts, n, params)
         if not prompts or params.max_new_tokens == 0:
             return empty_output(prompts, n, self.pad_id)
+        if not self.shared_cache and 0 < self.max_rows < len(prompts) * n:  # megatron's cache: static waves
+            per = self.max_rows // n
+            return concat_outputs([self.generate(prompts[i:i + per], n, params, seed, row_offset + i * n)
+                                   for i in range(0, len(prompts), per)], self.pad_id)
+        rows = min(len(prompts) * n, self.max_rows or len(prompts) * n)
         with eval_mode(self.model, torch.inference_mode), fp8_off(self.stages.model), packed_linears(
-                self.stages.model.language_model, len(prompts) * n, self.packed_weights):  # fp8 off: unaligned counts
+                self.stages.model.language_model, rows, self.packed_weights):  # fp8 off: unaligned counts
             batch = self._layout(prompts, n, params.max_new_tokens)
-            context = SharedPrefixContext if self.shared_cache else StaticInferenceContext
-            ctx = context(max_batch_size=len(prompts), max_sequence_length=batch.real.shape[1])
-            logits = self._prefill(prompts, batch, ctx)  # [P, Vs] on the last stage
-            if logits is not None:
-                logits = logits.repeat_interleave(n, dim=0)  # [N, Vs]
-            L = batch.ids.shape[1]
-            if self.shared_cache:
-                ctx.share_prefix(L, n, batch.real[::n, :L], batch.real.shape[1] - L)
+            if self.fixed_shape:
+                decoder = FixedShapeDecoder(self, prompts, batch, n, self.max_rows, graphs=self.cuda_graphs)
+            elif self.shared_cache:
+                decoder = ContinuousDecoder(self, prompts, batch, n, self.max_rows)
             else:
-                _expand_cache(ctx, torch.arange(len(prompts)).repeat_interleave(n))
-            tokens, logprobs, lengths, reasons = self._decode(logits, batch, ctx, params, seed, row_offset)
+                decoder = _StaticDecoder(self, prompts, batch, n)
+            decoder.prefill()  # the first prompts (all of them without a cap); refills happen inside the loop
+            tokens, logprobs, lengths, reasons = self._decode(decoder, params, seed, row_offset)
+            self.last_stats = getattr(decoder, "stats", {})  # the shared cache's scheduling counts
         return self._output(prompts, n, tokens, logprobs, lengths, reasons)
 
     # --- steps --------------------------------------------------------------------------------------------
@@ -120,6 +141,9 @@ class MegatronEngine:
     def _validate(self, prompts, n, params):
         if n < 1:
             raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+        if 0 < self.max_rows < n:
+            raise ValueError(f"max_rows={self.max_rows} is below n={n}: one prompt's n rows must fit together; "
+                             f"set rollout.max_batch_rows >= {n} (or 0: no cap)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: pass tokenizer= to MegatronEngine")
         for i, p in enumerate(prompts):
@@ -171,47 +195,49 @@ class MegatronEngine:
         ctx.enable_decode_mode()
         return torch.cat(chunks) if self.stages.last else None
 
-    def _decode(self, logits, batch: _Batch, ctx, params, seed, row_offset=0):
+    def _decode(self, decoder, params, seed, row_offset=0):
+        """The decode loop, a method of its own (benchmarks/rollout_profile.py times it): (tokens [N, T],
+        log-probs [N, T], lengths [N], finish codes [N])."""
+        return decoder.decode(params, seed, row_offset)
+
+    def _decode_static(self, logits, batch: _Batch, ctx, params, seed, row_offset=0):
+        """The static batch on megatron's cache (``_StaticDecoder``): one global step t, finished rows compacted."""
         N, L = batch.positions.shape[1], batch.ids.shape[1]
         T = batch.real.shape[1] - L
         tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
         logprobs = torch.zeros(N, T)
         reason = torch.zeros(N, dtype=torch.long)  # 0 = running
         lengths = torch.zeros(N, dtype=torch.long)
-        rows = torch.arange(N)  # cache row r holds sample rows[r]
+        rows = torch.arange(N)  # cache row r holds sample row rows[r]
         positions, real = batch.positions, batch.real
         for t in range(T):
             tok, lp = self._pick(logits, rows + row_offset, t, params, seed)
             tokens[rows, t], logprobs[rows, t] = tok, lp
             running = reason[rows] == 0
-            reason[rows] = self._finish(tok, rows, t, tokens, batch.limits, params, reason[rows])
+            code = self._finish(tok, rows, torch.full_like(rows, t), tokens, batch.limits, params)
+            reason[rows] = torch.where(running, code, reason[rows])
             active = running & (reason[rows] == 0)  # rows still generating after this token
             lengths[rows[running & ~active]] = t + 1
             if not bool(active.any()):
                 break
             if int((~active).sum()) >= max(1, int(self.compact_fraction * len(rows))):
                 keep = active.nonzero().squeeze(-1)
-                if self.shared_cache:
-                    ctx.keep_rows(keep, rows // (N // batch.ids.shape[0]))
-                else:
-                    _expand_cache(ctx, keep)
+                _expand_cache(ctx, keep)
                 rows, positions, real, tok = rows[keep], positions[:, keep], real[keep], tok[keep]
             S = L + t + 1
-            if self.shared_cache:  # the cache holds the prompts' padding; new tokens get their own positions
-                mask, pos = None, positions[:, :, S - 1:S]  # [3, b, 1]
-            else:
-                mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
-                pos = positions[:, :, :S]
-            logits = self.stages.forward(tok[:, None], pos, mask, ctx, prefill=False)
+            mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
+            logits = self.stages.forward(tok[:, None], positions[:, :, :S], mask, ctx, prefill=False)
             ctx.sequence_len_offset += 1
         return tokens, logprobs, lengths, reason
 
-    def _pick(self, logits, rows, t, params, seed):
-        """Sample on the last stage, hand (token, log-prob) to every stage: ([b] int64, [b] float32)."""
+    def _pick(self, logits, rows, steps, params, seed):
+        """Sample on the last stage, hand (token, log-prob) to every stage: ([b] int64, [b] float32); ``steps``:
+        each row's response index (an int when they share one)."""
         picked = None
         if self.stages.last:
             logits = self._ban(logits)
-            tok, lp = sample(logits, params, seed=seed, row_ids=rows.to(logits.device), step=t,
+            step = steps.to(logits.device) if torch.is_tensor(steps) else steps
+            tok, lp = sample(logits, params, seed=seed, row_ids=rows.to(logits.device), step=step,
                              vocab_size=self.vocab_size)
             picked = torch.stack([tok.double(), lp.double()], -1)
         picked = self.stages.broadcast_from_last(picked, (len(rows), 2), torch.float64).cpu()
@@ -224,17 +250,17 @@ class MegatronEngine:
         # in place: the engine owns these logits (a fresh model output or its per-sample copy)
         return logits.index_fill_(-1, local, float("-inf")) if local.numel() else logits
 
-    def _finish(self, tok, rows, t, tokens, limits, params, reason):
-        """Finish code per active row after its (t+1)-th token; rows already finished keep theirs."""
+    def _finish(self, tok, rows, steps, tokens, limits, params):
+        """Finish code of each row (0: goes on) after its token at response index steps[r] ([b] each)."""
         new = torch.where(torch.isin(tok, self.eos_ids), _EOS, 0)
         if params.stop:
             longest = max(len(s) for s in params.stop) + 2
             for r in (new == 0).nonzero().squeeze(-1).tolist():
+                t = int(steps[r])
                 tail = self.tokenizer.decode(tokens[rows[r], max(0, t + 1 - longest):t + 1].tolist())
                 if any(s in tail for s in params.stop):
                     new[r] = _STOP
-        new = torch.where((new == 0) & (t + 1 >= limits[rows]), _LENGTH, new)
-        return torch.where(reason > 0, reason, new)
+        return torch.where((new == 0) & (steps + 1 >= limits[rows]), _LENGTH, new)
 
     def _output(self, prompts, n, tokens, logprobs, lengths, reason) -> RolloutOutput:
         T = int(lengths.max()) if len(lengths) else 0
@@ -246,6 +272,24 @@ class MegatronEngine:
         # built outside inference mode: plain tensors the trainer may use in autograd
         return RolloutOutput(seqs, response, mask, torch.where(mask, logprobs[:, :T], 0.0), lengths.clone(),
                              [_REASONS[int(r)] for r in reason], prompt_index)
+
+
+class _StaticDecoder:
+    """megatron's own static cache: every row of the call at once, prompt rows copied to their samples."""
+
+    def __init__(self, engine, prompts, batch, n):
+        self.engine, self.prompts, self.batch, self.n = engine, prompts, batch, n
+
+    def prefill(self) -> None:
+        self.ctx = StaticInferenceContext(max_batch_size=len(self.prompts),
+                                          max_sequence_length=self.batch.real.shape[1])
+        self.logits = self.engine._prefill(self.prompts, self.batch, self.ctx)  # [P, Vs] on the last stage
+        if self.logits is not None:
+            self.logits = self.logits.repeat_interleave(self.n, dim=0)  # [N, Vs]
+        _expand_cache(self.ctx, torch.arange(len(self.prompts)).repeat_interleave(self.n))
+
+    def decode(self, params, seed, row_offset):
+        return self.engine._decode_static(self.logits, self.batch, self.ctx, params, seed, row_offset)
 
 
 def _expand_cache(ctx: StaticInferenceContext, index: torch.Tensor) -> None:

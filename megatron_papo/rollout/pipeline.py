@@ -65,9 +65,10 @@ class Stages:
     def __init__(self, model):
         self.model = unwrap(model)
         cfg = self.model.language_model.config
-        if cfg.sequence_parallel:
-            raise ValueError("generation with sequence_parallel=True is not supported; the engine runs "
-                             "without it (parallel.sequence_parallel only changes training)")
+        if cfg.sequence_parallel:  # one token per step cannot be split over the sequence: same weights, SP off
+            from megatron_papo.training.sequence_parallel import without_sequence_parallel
+
+            self.forward = without_sequence_parallel(self.model, self.forward)
         # hidden states, plus whatever the model family sends along (Qwen3-VL: DeepStack features across a split)
         self.hidden_size = self.model.pipeline_hidden_size
         self.dtype = cfg.params_dtype

@@ -1,4 +1,4 @@
-"""Model FLOPs of the Qwen2.5-VL passes an RL step runs, counted from the architecture (multiply-add = 2 FLOPs).
+"""Model FLOPs of the VLM passes an RL step runs, counted from the architecture (multiply-add = 2 FLOPs).
 
 Counted: every matrix multiply of the vision tower (patch embedding, attention projections, SwiGLU MLP, merger)
 and the language model (attention projections, SwiGLU MLP, output layer), and attention's two products
@@ -12,7 +12,7 @@ Legend: s sequence length, c attention context, P image patches.
 
 from __future__ import annotations
 
-from megatron_papo.models import padded_vocab_size
+from megatron_papo.models import family_of_spec, padded_vocab_size
 
 
 def lm_matmul_params(spec) -> int:
@@ -31,24 +31,10 @@ def lm_flops(spec, length: int, context: int = 0) -> float:
 
 
 def vision_flops(spec, grid_thw) -> float:
-    """Forward FLOPs of the vision tower and merger(s) for images of patch grids ``grid_thw`` ([n, 3] rows t, h, w).
-
-    Qwen2.5-VL: SwiGLU MLP, window attention except ``fullatt_block_indexes``, one merger. Qwen3-VL (no
-    ``window_size``): two-matrix GELU MLP, full attention in every block, one merger per DeepStack level more."""
-    v = spec.vision
-    hv, m2 = v.hidden_size, v.spatial_merge_size ** 2
-    windowed = hasattr(v, "window_size")
-    layer = 4 * hv * hv + (3 if windowed else 2) * hv * v.intermediate_size     # qkv + projection, MLP
-    mergers = 1 + len(getattr(v, "deepstack_visual_indexes", ()))
-    merger = mergers * ((hv * m2) ** 2 + hv * m2 * v.out_hidden_size)            # per merged token
-    full = len(v.fullatt_block_indexes) if windowed else v.depth
-    total = 0.0
-    for t, h, w in (grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw):
-        p = t * h * w
-        window = (v.window_size // v.patch_size) ** 2 if windowed else h * w     # patches of a full window
-        total += 2.0 * p * (v.depth * layer + v.patch_dim * hv) + 2.0 * (p / m2) * merger
-        total += 4.0 * hv * p * (full * h * w + (v.depth - full) * min(window, h * w))
-    return total
+    """Forward FLOPs of the vision tower and merger(s) for images of patch grids ``grid_thw`` ([n, 3] rows t, h, w),
+    counted by the spec's family (``models.registry``: Qwen2.5-VL windows and SwiGLU, Qwen3-VL full attention,
+    GELU MLP and DeepStack mergers)."""
+    return family_of_spec(spec).vision_flops(spec, grid_thw)
 
 
 def sequences_flops(spec, rows: list[tuple[int, int, object]]) -> tuple[float, float]:

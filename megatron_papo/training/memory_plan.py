@@ -7,10 +7,11 @@ weights. On top, one phase at a time:
 - update: the activations of the micro-batches in flight (1F1B keeps ``pp - stage`` of them on a stage), with
   full recomputation only each layer's input plus one layer's activations, and on the last stage the logits and
   their gradient;
-- rollout: the engine's KV cache for all of the rank's prompts at once (the prefill's ``prompts x (prompt +
-  response)`` positions, then each prompt's keys once and its n rows' response keys apart: ``prompts x prompt +
-  rows x response``; the larger of the two, x layers x KV heads / TP x head dim x 2 x dtype) and one prefill
-  chunk's working set.
+- rollout: the engine's KV cache: each prompt's keys once and its n rows' response keys apart, ``prompts x prompt
+  + rows x response`` positions x layers x KV heads / TP x head dim x 2 x dtype, for all of the rank's prompts
+  at once, or with a row cap (``rollout.max_batch_rows``) for the rows in flight: at most ``cap`` rows, and at
+  most ``cap - n + 1`` prompts (every prompt held has a row left, and a prompt joins only when n slots are
+  free); plus one prefill chunk's working set.
 
 Activations per token and layer (elements, not bytes) were measured on megatron's local layer spec (what its
 autograd saves: both RMSNorms' input, normalised value and output, QKV and rotated Q/K, the core-attention output
@@ -125,7 +126,7 @@ def plan_memory(cfg: Config, dp: int, spec=None) -> list[StagePlan]:
         out.append(StagePlan(s, n * pb, trained * 4.0, trained * opt_bytes / shard,
                              n * pb if cfg.algorithm.beta > 0 else 0.0,
                              act, full * in_flight, recompute * in_flight, logits,
-                             _kv_cache(cfg, spec, dp, layers, tp, pb), _prefill(cfg, spec, tp, pb)))
+                             _kv_cache(cfg, spec, dp, layers, tp, pb), _prefill(cfg, spec, dp, tp, pb)))
     return out
 
 
@@ -141,18 +142,22 @@ def _vision_activations(cfg: Config, spec, tp: int, rows_mb: float) -> float:
 
 
 def _kv_cache(cfg: Config, spec, dp: int, layers: int, tp: int, pb: int) -> float:
-    prompts = cfg.training.prompts_per_step // dp
-    rows, lp, t = prompts * cfg.rollout.n, prompt_tokens(cfg), cfg.rollout.max_new_tokens
-    positions = max(prompts * (lp + t), prompts * lp + rows * t)   # prefill cache, then prompts once + rows
+    prompts, n, cap = cfg.training.prompts_per_step // dp, cfg.rollout.n, cfg.rollout.max_batch_rows
+    rows, lp, t = prompts * n, prompt_tokens(cfg), cfg.rollout.max_new_tokens
+    if cap:  # the rows in flight, and the prompts they (or a just admitted group) belong to
+        prompts, rows = min(prompts, cap - n + 1), min(rows, cap)
+    positions = prompts * lp + rows * t   # each prompt's keys once + each row's response keys
     return layers * 2 * max(spec.num_kv_heads / tp, 1.0) * spec.head_dim * pb * positions
 
 
-def _prefill(cfg: Config, spec, tp: int, pb: int, chunk: int = 8) -> float:
+def _prefill(cfg: Config, spec, dp: int, tp: int, pb: int, chunk: int = 8) -> float:
     """One prefill chunk (the engine's ``prefill_batch_size`` prompts): a layer's forward working set, the
-    left-padding mask and the decode logits of every row."""
+    left-padding mask and the decode logits of every row this data-parallel rank generates."""
     lp = prompt_tokens(cfg)
     work = chunk * lp * (4 * spec.hidden_size + 3 * spec.intermediate_size / tp) * pb + chunk * lp * lp
-    rows = cfg.training.prompts_per_step * cfg.rollout.n
+    rows = cfg.training.prompts_per_step // dp * cfg.rollout.n
+    if cfg.rollout.max_batch_rows:
+        rows = min(rows, cfg.rollout.max_batch_rows)
     return work + rows * padded_vocab_size(spec.vocab_size) / tp * 4
 
 
@@ -161,7 +166,8 @@ def fits(plan: list[StagePlan], gpu_gb: float) -> bool:
 
 
 def fitting_knob(cfg: Config, dp: int, spec=None) -> Optional[str]:
-    """The first single change (or recomputation plus one) that makes the plan fit, as ``--set`` text."""
+    """The first single change (or recomputation plus one) that makes the plan fit, as command-line text
+    (``--set k=v --set k2=v2``: one ``--set`` per field, as the CLI takes them)."""
     for sets in _knobs(cfg, dp):
         try:
             new, new_dp = _with(cfg, sets, dp)
@@ -169,13 +175,15 @@ def fitting_knob(cfg: Config, dp: int, spec=None) -> Optional[str]:
         except ValueError:
             continue
         if fits(plan, cfg.parallel.gpu_memory_gb):
-            text = " ".join(f"{k}={str(v).lower()}" for k, v in sets.items())
+            text = " ".join(f"--set {k}={str(v).lower()}" for k, v in sets.items())
             return f"{text} (peak {max(s.total for s in plan) / GB:.1f} GB)"
     return None
 
 
 def _knobs(cfg: Config, dp: int) -> list[dict]:
-    t, p = cfg.training, cfg.parallel
+    """Cheapest first: recomputation, the optimizer's sharding, smaller micro-batches, a rollout row cap (each
+    alone, then with recomputation), and only then a larger TP or PP (fewer data-parallel replicas)."""
+    t, p, r = cfg.training, cfg.parallel, cfg.rollout
     single = [{"model.recompute": True}] if not cfg.model.recompute else []
     if dp > 1 and not cfg.optimizer.use_distributed_optimizer:
         single.append({"optimizer.use_distributed_optimizer": True})
@@ -185,11 +193,18 @@ def _knobs(cfg: Config, dp: int) -> list[dict]:
                    (t.max_tokens_per_micro_batch // 2, t.max_tokens_per_micro_batch // 4) if v >= longest]
     else:
         single += [{"training.micro_batch_size": v} for v in range(t.micro_batch_size - 1, 0, -1)]
+    rows = t.prompts_per_step // dp * r.n
+    for part in (2, 3, 4, 6, 8):  # a cap of about 1/part of the rank's rows, whole prompt groups
+        cap = rows // part // r.n * r.n
+        if r.n <= cap and (not r.max_batch_rows or cap < r.max_batch_rows):
+            single.append({"rollout.max_batch_rows": cap})
+    layout = []
     for size in (2, 4, 8):
-        single.append({"parallel.tensor_model_parallel_size": p.tensor_model_parallel_size * size})
-        single.append({"parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size * size})
-    both = [{"model.recompute": True, **k} for k in single[1:]] if single and not cfg.model.recompute else []
-    return single + both
+        layout.append({"parallel.tensor_model_parallel_size": p.tensor_model_parallel_size * size})
+        layout.append({"parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size * size})
+    recompute = not cfg.model.recompute
+    both = [{"model.recompute": True, **k} for k in single[1:]] if single and recompute else []
+    return single + both + layout + ([{"model.recompute": True, **k} for k in layout] if recompute else [])
 
 
 def _with(cfg: Config, sets: dict, dp: int) -> tuple[Config, int]:
@@ -229,7 +244,7 @@ def describe_memory(cfg: Config, dp: int, spec=None) -> list[str]:
         knob = fitting_knob(cfg, dp, spec)
         worst = max(plan, key=lambda s: s.total)
         what = "the rollout KV cache" if worst.rollout > worst.update else "the update's activations"
-        fix = f"try --set {knob}" if knob else (f"no single knob fits ({what} is the larger phase): add GPUs, "
+        fix = f"try {knob}" if knob else (f"no single knob fits ({what} is the larger phase): add GPUs, "
                                                 "or lower training.prompts_per_step / rollout.max_new_tokens")
         lines.append(f"memory: does NOT fit ({peak / GB:.1f} GB > {usable:.1f} usable on a {gpu:g} GB GPU); {fix}")
     return lines

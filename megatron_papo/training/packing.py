@@ -29,7 +29,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_papo.training.sequences import MicroBatch, Rows, pack, response_lengths, seq_len
+from megatron_papo.training.sequences import MicroBatch, Rows, pack, response_lengths, seq_len, tp_multiple
 
 
 def micro_batches(rows: Rows, micro_batch_size: int, pad_id: int, *, max_tokens: int = 0,
@@ -45,9 +45,20 @@ def micro_batches(rows: Rows, micro_batch_size: int, pad_id: int, *, max_tokens:
         one_shape = ready and parallel_state.get_pipeline_model_parallel_world_size() > 1
     lengths = row_lengths(rows)
     bins = first_fit_decreasing(lengths.tolist(), max_tokens)
-    tp = parallel_state.get_tensor_model_parallel_world_size() if ready else 1  # sequence parallelism splits S
-    size = lambda b: max_tokens if one_shape else -(-int(lengths[b].sum()) // tp) * tp  # noqa: E731
+    size = lambda b: max_tokens if one_shape else tp_multiple(int(lengths[b].sum()))  # noqa: E731
     return [_packed_micro_batch(rows, b, lengths, pad_id, tokens or {}, image_token_id, size(b)) for b in bins]
+
+
+def update_micro_batch_rows(rows: Rows, rows_per_update: int, micro_batch_size: int, max_tokens: int) -> list:
+    """Each update micro-batch's rows (indices into ``rows``) as the schedule runs them: every mini-batch of
+    ``rows_per_update`` consecutive rows split as :func:`micro_batches` splits it (row counts, or bins)."""
+    lengths, out = row_lengths(rows), []
+    for a in range(0, len(rows), rows_per_update):
+        n = min(rows_per_update, len(rows) - a)
+        parts = (first_fit_decreasing(lengths[a:a + n].tolist(), max_tokens) if max_tokens else
+                 [range(b, min(b + micro_batch_size, n)) for b in range(0, n, micro_batch_size)])
+        out += [[a + i for i in part] for part in parts]
+    return out
 
 
 def row_lengths(rows: Rows) -> torch.Tensor:

@@ -32,7 +32,7 @@ from megatron_papo.rewards import get_reward
 from megatron_papo.rewards.budget import score_responses
 from megatron_papo.rollout import SamplingParams
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
-from megatron_papo.training.packing import micro_batches
+from megatron_papo.training.packing import micro_batches, update_micro_batch_rows
 from megatron_papo.training.preemption import safe_point
 from megatron_papo.training.scoring import select_logprobs_fn
 from megatron_papo.training.sequences import Rows, pair, paired_response_stats, response_stats, run_schedule, seq_len
@@ -298,7 +298,8 @@ def rl_step(ctx: RLContext, reader: Iterator[dict], step: int) -> dict:
     if "old_logp" not in tokens:                                # not the last stage: placeholders, never read
         tokens["old_logp"] = torch.zeros_like(tokens["advantages"])
     elif len(view_logp) == len(plan.scored):                    # the ranks that hold the views' log-probs
-        layout = StepLayout((len(roll.samples) // num_updates) * n, cfg.training.micro_batch_size)
+        per, mbs = (len(roll.samples) // num_updates) * n, cfg.training.micro_batch_size
+        layout = StepLayout(per, mbs, update_micro_batch_rows(rows, per, mbs, cfg.training.max_tokens_per_micro_batch))
         metrics.update(apply_consumers(cfg.algorithm, tokens, view_logp, layout, rows.response_mask,
                                        parallel_state.get_data_parallel_group(with_context_parallel=False)))
     updates = ppo_update(ctx, rows, tokens, num_updates, len(roll.samples),

@@ -89,7 +89,7 @@ def pack(rows: Rows, micro_batch_size: int, pad_id: int, seq_length: Optional[in
     fed to the model as ``pad_id`` (the model expects image features for every image token; the target keeps it).
     """
     n, t = rows.response_ids.shape
-    s = fp8_padding.padded_seq_len(seq_length or seq_len(rows), micro_batch_size)  # FP8 token alignment
+    s = fp8_padding.padded_seq_len(tp_multiple(seq_length or seq_len(rows)), micro_batch_size)  # + FP8 alignment
     tokens = tokens or {}
     out = []
     for start in range(0, n, micro_batch_size):
@@ -116,6 +116,12 @@ def pack(rows: Rows, micro_batch_size: int, pad_id: int, seq_length: Optional[in
         out.append(MicroBatch(ids, targets, resp_index.clamp(max=s - 1), mask,
                               torch.cat(pvs) if pvs else None, torch.cat(grids) if grids else None, sliced))
     return out
+
+
+def tp_multiple(length: int) -> int:
+    """``length`` rounded up to a multiple of the tensor-parallel size (sequence parallelism splits S over it)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    return -(-length // tp) * tp
 
 
 def _pad_rows(x: torch.Tensor, b: int) -> torch.Tensor:

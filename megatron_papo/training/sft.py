@@ -2,7 +2,9 @@
 
 The CPU demo uses it so a tiny randomly initialised VLM produces the answer format at all (RL needs some reward
 variance to start from); the run says so. Responses are ``sample["extra"]["solution"]`` (the synthetic tasks'
-worked answers) or, failing that, ``\\boxed{answer}``, followed by EOS.
+worked answers) or, failing that, ``\\boxed{answer}``, followed by EOS. Micro-batches are built as the RL
+update builds them: ``training.micro_batch_size`` padded rows, or token-budget packs
+(``training.max_tokens_per_micro_batch``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from megatron.core import parallel_state
 
 from megatron_papo.algorithms.aggregation import Aggregation, aggregate, count_global_tokens
 from megatron_papo.training.optimizer import optimizer_step, zero_grads
-from megatron_papo.training.sequences import Rows, pack, response_stats, run_schedule
+from megatron_papo.training.packing import micro_batches
+from megatron_papo.training.sequences import Rows, response_stats, run_schedule
 
 
 def answer_rows(samples: list, tokenizer) -> Rows:
@@ -36,7 +39,8 @@ def answer_rows(samples: list, tokenizer) -> Rows:
 def sft_step(ctx, samples: list) -> dict:
     """One optimizer step of global token-mean NLL of the answers; returns {"sft/nll", "grad_norm"}."""
     cfg = ctx.cfg
-    mbs = pack(answer_rows(samples, ctx.tokenizer), cfg.training.micro_batch_size, ctx.tokenizer.pad_id)
+    mbs = micro_batches(answer_rows(samples, ctx.tokenizer), cfg.training.micro_batch_size, ctx.tokenizer.pad_id,
+                        max_tokens=cfg.training.max_tokens_per_micro_batch)      # padded rows, or packed as in RL
     dp_group = parallel_state.get_data_parallel_group(with_context_parallel=False)
     num_tokens, _ = count_global_tokens([m.resp_mask for m in mbs], group=dp_group)
     agg = Aggregation("token-mean", max(num_tokens, 1.0), 1.0, len(mbs), ctx.dp_size)

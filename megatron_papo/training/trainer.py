@@ -25,6 +25,7 @@ from megatron_papo.training.resume import resume
 from megatron_papo.training.logging import RunLogger
 from megatron_papo.training.optimizer import build_optimizer, distributed_optimizer_enabled, wrap_ddp
 from megatron_papo.training.rl_step import RLContext, masked_in_update, rl_step
+from megatron_papo.training.sequence_parallel import model_sequence_parallel
 from megatron_papo.training.sft import warm_start
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -102,7 +103,8 @@ def build_model(cfg: Config, tokenizer, trainable: bool = True):
     m = cfg.model
     model = build_vlm(model_spec(cfg, tokenizer), transformer_impl=m.transformer_impl, fp8=m.fp8,
                       fp8_recipe=m.fp8_recipe, params_dtype=_DTYPES[m.params_dtype],
-                      freeze_vision=m.freeze_vision, recompute=m.recompute)
+                      freeze_vision=m.freeze_vision, recompute=m.recompute,
+                      sequence_parallel=model_sequence_parallel(cfg, trainable))
     ban_tokens(model, vision_token_ids(tokenizer))        # the policy never emits vision special tokens
     if m.load:
         from megatron_papo.convert.checkpoint import load_vlm_checkpoint
@@ -150,7 +152,7 @@ def build_run(cfg: Config) -> Run:
     ddp = wrap_ddp(policy, cfg.optimizer)
     optimizer, scheduler = build_optimizer(cfg.optimizer, [ddp], optimizer_steps(cfg), _DTYPES[cfg.model.params_dtype])
     engine = MegatronEngine(policy, max_seq_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, max_rows=cfg.rollout.max_batch_rows)
     ctx = RLContext(greedy_as_top1(cfg), ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
     logger = RunLogger(cfg.logging.tensorboard_dir, cfg.logging.log_interval, cfg.logging.progress)
     return Run(ctx, reader, logger)
@@ -292,7 +294,7 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
 def train_loop(run: Run) -> dict:
     """Warm-start (what is left of it), then RL steps until ``training.rl_steps`` or a signal; every change of
     weights is saved before returning (``result["signal"]``: the signal that stopped the run, 0: none)."""
-    cfg, log = run.ctx.cfg, run.logger
+    log = run.logger
     run.handler = run.handler or PreemptionHandler()
     result = {"rewards": [], "checkpoint": None, "steps": run.start_step, "signal": 0}
     try:

@@ -38,6 +38,9 @@ class StepLayout:
     """How this rank's rows are cut for the updates (for statistics taken per mini-batch / micro-batch)."""
     rows_per_update: int          # rows of one optimizer step (mini-batch) on this rank
     micro_batch_size: int         # rows per micro-batch
+    # each micro-batch's rows (indices into this rank's rows), as the schedule runs them (token-budget packing
+    # bins them by length); None: consecutive runs of micro_batch_size rows
+    micro_batch_rows: Optional[list] = None
 
 
 @dataclass

@@ -14,7 +14,8 @@ real image against the view (``algorithm.vppo_view``, the masked image by defaul
   responses are non-empty or ``max - min <= 1e-6`` (the reference's guards).
   ``algorithm.vppo_stats=global`` (default): min, max and mean over every non-empty response of the RL step on all
   DP ranks. ``reference``: as the reference code, min/max over this rank's rows of each optimizer step
-  (mini-batch) and the mean over each micro-batch's rows (it then depends on the parallel layout and the split).
+  (mini-batch) and the mean over each micro-batch's rows (it then depends on the parallel layout and the split);
+  the micro-batches are those the schedule runs (under packing, the token-budget bins, not row counts).
 
 Legend: N responses on this DP rank, T padded response length.
 """
@@ -95,12 +96,20 @@ def reference_shaping_scale(score: Tensor, valid: Tensor, s_min: float, layout: 
         lo, hi = s[v].min(), s[v].max()
         if hi - lo <= _RANGE_EPS:
             continue
-        for b in range(mini.start, mini.stop, layout.micro_batch_size):
-            micro = slice(b, min(b + layout.micro_batch_size, mini.stop))
+        for micro in _micro_batches(layout, mini):
             if bool(valid[micro].any()):
                 mu = ((score[micro][valid[micro]] - lo) / (hi - lo)).clamp(0.0, 1.0).mean()
                 scale[micro] = _map(score[micro], valid[micro], lo, hi, mu, s_min)
     return scale
+
+
+def _micro_batches(layout: StepLayout, mini: slice) -> list[Tensor]:
+    """Row indices of each micro-batch of mini-batch ``mini``: the schedule's own (``layout.micro_batch_rows``,
+    e.g. token-budget bins under packing), or consecutive runs of ``micro_batch_size`` rows."""
+    if layout.micro_batch_rows is None:
+        return [torch.arange(b, min(b + layout.micro_batch_size, mini.stop))
+                for b in range(mini.start, mini.stop, layout.micro_batch_size)]
+    return [torch.tensor(rows) for rows in layout.micro_batch_rows if mini.start <= rows[0] < mini.stop]
 
 
 def _pair(total: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,9 +1,10 @@
-"""Parameters of a Qwen3-VL rank, counted from the spec (``--dry-run``; no allocation). Megatron's split:
-column-parallel weights and biases and row-parallel weights divide by TP; norms, row-parallel biases, the patch
-embedding and the position table are replicated."""
+"""Parameters (``--dry-run``; no allocation) and vision FLOPs of a Qwen3-VL rank, counted from the spec.
+Megatron's split: column-parallel weights and biases and row-parallel weights divide by TP; norms, row-parallel
+biases, the patch embedding and the position table are replicated."""
 
 from __future__ import annotations
 
+from megatron_papo.models.common.counts import tower_flops
 from megatron_papo.models.qwen3_vl.spec import Qwen3VLSpec
 
 
@@ -30,3 +31,11 @@ def vision(spec: Qwen3VLSpec, tp: int) -> float:
 def param_counts(spec: Qwen3VLSpec, tp: int) -> tuple[float, float]:
     """(one language layer, the vision tower) per rank."""
     return lm_layer(spec, tp), vision(spec, tp)
+
+
+def vision_flops(spec: Qwen3VLSpec, grid_thw) -> float:
+    """Forward FLOPs of the vision tower (``models.common.counts``): GELU MLP, full attention in every block, the
+    merger and one DeepStack merger per level."""
+    v = spec.vision
+    return tower_flops(v, grid_thw, mlp_matrices=2, num_mergers=1 + spec.num_deepstack, full_blocks=v.depth,
+                       window_patches=None)

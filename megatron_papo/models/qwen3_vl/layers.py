@@ -1,7 +1,7 @@
 """Qwen3-VL layer specs and the two pieces megatron-core does not have: interleaved M-RoPE and DeepStack layers.
 
-- Language layers: megatron's GPT layer with per-head RMSNorm on q and k (``qk_layernorm``), no QKV bias; the
-  local spec runs core attention on SDPA (``megatron_papo.models.attention``), the TE spec is megatron's.
+- Language layers: the shared GPT layer spec (``models.common.specs``) with per-head RMSNorm on q and k
+  (``qk_layernorm``); no QKV bias comes from the config.
 - ``InterleavedMRoPE``: megatron's ``MultimodalRotaryEmbedding`` assigns the rotary frequencies to
   (temporal, height, width) in contiguous chunks (Qwen2-VL); Qwen3-VL interleaves them, frequency j going to
   height when j % 3 == 1 and j < 3 * section[1], to width when j % 3 == 2 and j < 3 * section[2], to time
@@ -20,13 +20,10 @@ import copy
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import MultimodalRotaryEmbedding
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.common.specs import block_norm, language_layer_spec
 
 
 class InterleavedMRoPE(MultimodalRotaryEmbedding):
@@ -65,21 +62,10 @@ class DeepstackTransformerLayer(TransformerLayer):
         return hidden, context
 
 
-def language_layer_spec(transformer_impl: str) -> ModuleSpec:
-    if transformer_impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    spec.submodules.self_attention.module = RopeCachingSelfAttention
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
-
-
 def language_block_spec(transformer_impl: str, global_layers: range, slot_offset: int,
                         num_deepstack: int) -> TransformerBlockSubmodules:
     """This pipeline stage's layer specs: global layer j < num_deepstack adds feature slot j - slot_offset."""
-    base = language_layer_spec(transformer_impl)
+    base = language_layer_spec(transformer_impl, qk_layernorm=True)
     specs = []
     for j in global_layers:
         if j < num_deepstack:
@@ -88,19 +74,4 @@ def language_block_spec(transformer_impl: str, global_layers: range, slot_offset
             specs.append(ds)
         else:
             specs.append(base)
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
-
-
-def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
-    """LayerNorm + full (per-image) attention with QKV bias + GELU MLP; SDPA core attention with masks."""
-    if transformer_impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        spec = get_gpt_layer_local_spec(normalization="LayerNorm")
-    spec = copy.deepcopy(spec)
-    attn = spec.submodules.self_attention
-    attn.params = {**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask}
-    attn.submodules.core_attention = SDPAttention
-    return spec
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=block_norm())

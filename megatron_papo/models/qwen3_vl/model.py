@@ -1,5 +1,5 @@
-"""Qwen3-VL composition: vision features scattered into the `<|image_pad|>` embeddings of a megatron GPTModel
-configured as Qwen3 (GQA, per-head q/k RMSNorm, no QKV bias, SwiGLU, interleaved M-RoPE), plus DeepStack:
+"""Qwen3-VL composition: the shared ``VLMBase`` (``models.common.vlm``) with a megatron GPTModel configured as
+Qwen3 (GQA, per-head q/k RMSNorm, no QKV bias, SwiGLU, interleaved M-RoPE), plus DeepStack:
 the features of the vision blocks in ``deepstack_visual_indexes`` go through their own mergers and are added to
 the hidden states at the image tokens after decoder layers 0, 1, ..., K-1.
 
@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+from megatron.core.transformer import TransformerConfig
 
+from megatron_papo.models.common.vlm import VLMBase
 from megatron_papo.models.qwen3_vl.configs import language_config, vision_config
-from megatron_papo.models.qwen3_vl.layers import InterleavedMRoPE, language_block_spec, vision_layer_spec
-from megatron_papo.models.qwen3_vl.spec import Qwen3VLSpec
+from megatron_papo.models.qwen3_vl.layers import InterleavedMRoPE, language_block_spec
 from megatron_papo.models.qwen3_vl.vision import Qwen3VisionTower
-from megatron_papo.models.rope_index import get_rope_index
-from megatron_papo.models.vlm import padded_vocab_size
 
 
 class _Pipe:
@@ -62,53 +60,33 @@ class _CarryPipe:
         return hidden, torch.stack(features)  # [s, b, h], [C, s, b, h]
 
 
-class Qwen3VLModel(MegatronModule):
-    # what megatron's pipeline schedules read off a model chunk
-    model_type = ModelType.encoder_or_decoder
+class Qwen3VLModel(VLMBase):
+    language_config = staticmethod(language_config)
+    vision_config = staticmethod(vision_config)
+    vision_tower = Qwen3VisionTower
+    vision_normalization = "LayerNorm"
+    _received_features = None
 
-    def __init__(self, spec: Qwen3VLSpec, *, transformer_impl: str, fp8: str | None, fp8_recipe: str,
-                 params_dtype: torch.dtype, freeze_vision: bool, pre_process: bool, post_process: bool,
-                 recompute: bool = False):
-        lm_cfg = language_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe, recompute=recompute)
-        super().__init__(config=lm_cfg)
-        self.spec = spec
-        self.pre_process, self.post_process = pre_process, post_process
-        self.padded_vocab_size = padded_vocab_size(spec.vocab_size)
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    def _layer_spec(self, transformer_impl: str, lm_cfg: TransformerConfig):
+        """Deepstack layers where the stage holds global layers < K; chooses what rides between stages."""
+        spec = self.spec
         per_stage = spec.num_layers // lm_cfg.pipeline_model_parallel_size
-        first = pp_rank * per_stage
+        first = parallel_state.get_pipeline_model_parallel_rank() * per_stage
         carried = range(per_stage, max(per_stage, spec.num_deepstack))  # features used beyond the first stage
         self.pipe = _CarryPipe(spec.hidden_size, carried) if len(carried) else _Pipe()
         lm_cfg.variable_seq_lengths = len(carried) > 0  # stages exchange the widened activation's shape
-        block = language_block_spec(transformer_impl, range(first, first + per_stage),
-                                    0 if pre_process else per_stage, spec.num_deepstack)
-        self.language_model = GPTModel(
-            config=lm_cfg, transformer_layer_spec=block, vocab_size=self.padded_vocab_size,
-            max_sequence_length=spec.max_position_embeddings, pre_process=pre_process, post_process=post_process,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="mrope",
-            rotary_base=spec.rope_theta, parallel_output=True)
-        self.language_model.rotary_pos_emb = InterleavedMRoPE(spec.head_dim, spec.rope_theta)
-        self.vision = None
-        if pre_process:
-            vis_cfg = vision_config(spec, params_dtype=params_dtype, fp8=fp8, fp8_recipe=fp8_recipe,
-                                    recompute=recompute)
-            self.vision = Qwen3VisionTower(vis_cfg, spec.vision, vision_layer_spec(transformer_impl))
-            if freeze_vision:
-                self.vision.requires_grad_(False)
-        self._received_features = None
+        return language_block_spec(transformer_impl, range(first, first + per_stage),
+                                   0 if self.pre_process else per_stage, spec.num_deepstack)
+
+    def _language_model(self, lm_cfg: TransformerConfig, layer_spec) -> GPTModel:
+        model = super()._language_model(lm_cfg, layer_spec)
+        model.rotary_pos_emb = InterleavedMRoPE(self.spec.head_dim, self.spec.rope_theta)
+        return model
 
     @property
     def pipeline_hidden_size(self) -> int:
         """Width of the activation one stage sends the next: h, or h * (1 + C) when deepstack features ride along."""
         return self.spec.hidden_size * self.pipe.width_factor
-
-    @property
-    def share_embeddings_and_output_weights(self) -> bool:
-        """megatron's ``finalize_model_grads`` sums tied embedding gradients of the first and last stages."""
-        return self.language_model.share_embeddings_and_output_weights
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, list):
@@ -116,53 +94,27 @@ class Qwen3VLModel(MegatronModule):
         hidden, self._received_features = (None, None) if input_tensor is None else self.pipe.unpack(input_tensor)
         self.language_model.set_input_tensor(hidden)
 
-    def position_ids(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
-        """M-RoPE position ids [3, b, s] (the Qwen2-VL rule, which Qwen3-VL keeps for images)."""
-        return get_rope_index(input_ids, image_grid_thw, attention_mask, self.spec.vision.spatial_merge_size,
-                              image_token_id=self.spec.image_token_id,
-                              vision_start_token_id=self.spec.vision_start_token_id)[0]
+    def _vision_features(self, pixel_values, image_grid_thw):
+        return self.vision(pixel_values, image_grid_thw)  # [N, h], K x [N, h]
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None):
-        """(token embeddings with image features in the image slots [s, b, h], deepstack features [K, s, b, h]
-        zero off the image slots, or None without images); first stage only."""
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        is_image = input_ids == self.spec.image_token_id  # [b, s]
-        num_slots = int(is_image.sum())
-        if pixel_values is None:
-            if num_slots:
-                raise ValueError(f"input_ids hold {num_slots} image tokens but no pixel_values were given")
-            return emb, None
-        feats, deepstack = self.vision(pixel_values, image_grid_thw)  # [N, h], K x [N, h]
-        if feats.shape[0] != num_slots:
-            raise ValueError(f"image tokens ({num_slots}) and image features ({feats.shape[0]}, from "
-                             f"image_grid_thw) do not match; expand each image to t*h*w/4 <|image_pad|> tokens")
-        b_idx, s_idx = torch.nonzero(is_image, as_tuple=True)  # batch-major, like HF masked_scatter on [b, s]
-        emb = emb.clone()
-        emb[s_idx, b_idx] = feats.to(emb.dtype)
+    def _scatter_context(self, deepstack, emb: torch.Tensor, s_idx, b_idx) -> torch.Tensor:
+        """The deepstack features [K, s, b, h], zero off the image slots."""
         dense = emb.new_zeros(len(deepstack), *emb.shape)  # [K, s, b, h]
         dense[:, s_idx, b_idx] = torch.stack(deepstack).to(emb.dtype)
-        return emb, dense
+        return dense
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, pixel_values=None,
-                image_grid_thw=None, inference_context=None, runtime_gather_output=None):
-        """Logits [b, s, V/tp] on the last stage (V when gathered), the activation for the next stage elsewhere
-        ([s, b, h], or [s, b, h * (1 + C)] when deepstack features ride along)."""
-        if position_ids is None:
-            position_ids = self.position_ids(input_ids, image_grid_thw)
-        decoder_input, features = None, self._received_features
-        if self.pre_process:
-            decoder_input, features = self.embed(input_ids, pixel_values, image_grid_thw)
-        out = self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                  inference_context=inference_context, runtime_gather_output=runtime_gather_output,
-                                  extra_block_kwargs={"context": features})
-        if not self.post_process:
-            return self.pipe.pack(out, features)
-        if self.padded_vocab_size != self.spec.vocab_size:
-            out = self._mask_vocab_padding(out)
-        return out
+    def _sequence_parallel_split(self, decoder_input: torch.Tensor, features):
+        """[s/tp, b, h] and the deepstack features [K, s/tp, b, h] (None: no images)."""
+        if features is not None:
+            features = scatter_to_sequence_parallel_region(features.transpose(0, 1)).transpose(0, 1)
+        return scatter_to_sequence_parallel_region(decoder_input), features
 
-    def _mask_vocab_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        width = logits.shape[-1]
-        start = 0 if width == self.padded_vocab_size else parallel_state.get_tensor_model_parallel_rank() * width
-        pad = torch.arange(start, start + width, device=logits.device) >= self.spec.vocab_size  # [V/tp]
-        return logits.masked_fill(pad, float("-inf")) if bool(pad.any()) else logits
+    def _received_context(self):
+        return self._received_features
+
+    def _block_kwargs(self, features) -> dict:
+        return {"extra_block_kwargs": {"context": features}}
+
+    def _stage_output(self, out: torch.Tensor, features) -> torch.Tensor:
+        """[s, b, h], or [s, b, h * (1 + C)] when deepstack features ride along."""
+        return self.pipe.pack(out, features)

@@ -2,41 +2,32 @@
 
 Dimensions of the presets are those of the published `Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct` config.json files
 (the Thinking checkpoints share them). Field names follow `VLMSpec` (Qwen2.5-VL) wherever the meaning is the
-same, so code that reads a spec (vocabulary, image token ids, merge size, hidden size) serves both families.
+same (the shared fields and their checks are ``models.common.spec``'s), so code that reads a spec (vocabulary,
+image token ids, merge size, hidden size) serves both families.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
+
+from megatron_papo.models.common import spec as common
 
 FAMILY = "qwen3-vl"
 
 
 @dataclass(frozen=True)
-class Qwen3VisionSpec:
+class Qwen3VisionSpec(common.TowerSpec):
     depth: int = 27
     hidden_size: int = 1152
-    num_heads: int = 16
     intermediate_size: int = 4304
-    # merger output width: the language model's hidden size
     out_hidden_size: int = 4096
     patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    in_channels: int = 3
     # learned position table: a square grid of side sqrt(num_position_embeddings), resampled to each image
     num_position_embeddings: int = 2304
     # vision blocks whose outputs feed the deepstack mergers (added after LM layers 0, 1, ...)
     deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
     layernorm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-
-    @property
-    def patch_dim(self) -> int:
-        """Flattened pixels per patch: channels * temporal * patch * patch (1536 for Qwen3-VL)."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
     @property
     def num_grid_per_side(self) -> int:
@@ -44,25 +35,14 @@ class Qwen3VisionSpec:
 
 
 @dataclass(frozen=True)
-class Qwen3VLSpec:
+class Qwen3VLSpec(common.LanguageSpec):
     family: ClassVar[str] = FAMILY
-    name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
     # Qwen3 sets the head width explicitly (num_heads * head_dim may differ from hidden_size)
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    rms_eps: float = 1e-6
+    head_dim: int = field(kw_only=True)
     rope_theta: float = 5_000_000.0
     # rotary frequencies given to (temporal, height, width), interleaved t,h,w,t,h,w,...; sums to head_dim / 2
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     max_position_embeddings: int = 262144
-    image_token_id: int = 151655
-    vision_start_token_id: int = 151652
     vision: Qwen3VisionSpec = field(default_factory=Qwen3VisionSpec)
 
     @property
@@ -70,18 +50,8 @@ class Qwen3VLSpec:
         return len(self.vision.deepstack_visual_indexes)
 
     def validate(self) -> None:
+        super().validate()
         v = self.vision
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model '{self.name}': num_heads {self.num_heads} is not a multiple of "
-                             f"num_kv_heads {self.num_kv_heads}")
-        if 2 * sum(self.mrope_section) != self.head_dim:
-            raise ValueError(f"model '{self.name}': mrope_section {list(self.mrope_section)} must sum to "
-                             f"head_dim/2 = {self.head_dim // 2}")
-        if v.out_hidden_size != self.hidden_size:
-            raise ValueError(f"model '{self.name}': vision.out_hidden_size {v.out_hidden_size} must equal the "
-                             f"language hidden_size {self.hidden_size}")
-        if v.hidden_size % (4 * v.num_heads):
-            raise ValueError(f"model '{self.name}': vision head_dim must be a multiple of 4 (2D rotary)")
         if v.num_grid_per_side ** 2 != v.num_position_embeddings:
             raise ValueError(f"model '{self.name}': vision.num_position_embeddings {v.num_position_embeddings} "
                              "must be a square (a side x side position grid)")
@@ -118,44 +88,23 @@ def is_qwen3_vl_config(cfg: dict) -> bool:
     return cfg.get("model_type") == "qwen3_vl" or "Qwen3VLForConditionalGeneration" in (cfg.get("architectures") or [])
 
 
-def _rope(text: dict) -> dict:
-    return text.get("rope_scaling") or text.get("rope_parameters") or {}
-
-
 def spec_from_hf_config(cfg: dict, name: str = "hf") -> Qwen3VLSpec:
     """A Qwen3VLSpec from a Hugging Face Qwen3-VL config.json dict."""
     if not is_qwen3_vl_config(cfg):
         raise ValueError(f"config.json describes model_type={cfg.get('model_type')!r}; expected 'qwen3_vl'")
     text, vis = cfg["text_config"], cfg["vision_config"]
-    rope = _rope(text)
-    if rope.get("mrope_interleaved") is False:
+    if common.hf_rope(text).get("mrope_interleaved") is False:
         raise ValueError("config.json: text_config rope mrope_interleaved=false is not Qwen3-VL's layout")
     if text.get("hidden_act", "silu") != "silu" or vis.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise ValueError("config.json: Qwen3-VL needs hidden_act 'silu' (text) and 'gelu_pytorch_tanh' (vision)")
     if text.get("attention_bias", False):
         raise ValueError("config.json: text_config.attention_bias=true is not Qwen3-VL's attention")
-    tied = bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
-    spec = Qwen3VLSpec(
-        name=name, num_layers=text["num_hidden_layers"], hidden_size=text["hidden_size"],
-        num_heads=text["num_attention_heads"], num_kv_heads=text.get("num_key_value_heads") or
-        text["num_attention_heads"],
-        head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-        intermediate_size=text["intermediate_size"], vocab_size=text["vocab_size"], tie_word_embeddings=tied,
-        rms_eps=text.get("rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 5e6))),
-        mrope_section=tuple(rope.get("mrope_section", (24, 20, 20))),
-        max_position_embeddings=text.get("max_position_embeddings", 262144),
-        image_token_id=cfg.get("image_token_id", 151655),
-        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
-        vision=Qwen3VisionSpec(
-            depth=vis["depth"], hidden_size=vis["hidden_size"], num_heads=vis["num_heads"],
-            intermediate_size=vis["intermediate_size"], out_hidden_size=vis["out_hidden_size"],
-            patch_size=vis.get("patch_size", 16), temporal_patch_size=vis.get("temporal_patch_size", 2),
-            spatial_merge_size=vis.get("spatial_merge_size", 2), in_channels=vis.get("in_channels", 3),
-            num_position_embeddings=vis.get("num_position_embeddings", 2304),
-            deepstack_visual_indexes=tuple(vis.get("deepstack_visual_indexes", (8, 16, 24))),
-            rope_theta=float((vis.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-        ),
-    )
+    vision = Qwen3VisionSpec(
+        **common.hf_tower_fields(vis, Qwen3VisionSpec),
+        num_position_embeddings=vis.get("num_position_embeddings", 2304),
+        deepstack_visual_indexes=tuple(vis.get("deepstack_visual_indexes", (8, 16, 24))))
+    spec = Qwen3VLSpec(**common.hf_language_fields(cfg, text, Qwen3VLSpec, name), vision=vision,
+                       head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
     spec.validate()
     return spec
 
@@ -190,13 +139,8 @@ def hf_config_from_spec(spec: Qwen3VLSpec, dtype_name: str) -> dict:
 
 def spec_from_dict(d: dict) -> Qwen3VLSpec:
     """Inverse of ``dataclasses.asdict`` (checkpoint metadata)."""
-    d = dict(d)
-    v = dict(d.pop("vision"))
-    v["deepstack_visual_indexes"] = tuple(v["deepstack_visual_indexes"])
-    return Qwen3VLSpec(**{**d, "mrope_section": tuple(d["mrope_section"]), "vision": Qwen3VisionSpec(**v)})
+    return common.spec_from_dict(Qwen3VLSpec, Qwen3VisionSpec, d, ("deepstack_visual_indexes",))
 
 
 def get_preset(name: str, **overrides) -> Qwen3VLSpec:
-    if name not in PRESETS:
-        raise ValueError(f"model.preset '{name}' is unknown; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return common.lookup_preset(PRESETS, name, **overrides)

@@ -1,9 +1,8 @@
 """Qwen3-VL vision tower on megatron-core layers: patch embedding (with bias), learned position embeddings
 resampled to each image's grid, 2D rotary, full attention within each image, the merger and the DeepStack mergers.
 
-All patches of a batch form one sequence [P, 1, hv] (megatron's [s, b, h] with b = 1); images do not attend to
-each other (a block-diagonal boolean mask, True = masked out). Patches arrive in merge-block order (m x m
-neighbouring patches consecutive), as the image processor emits them.
+The skeleton, rotary table, masks and merger MLP are the shared ones (``models.common.vision``). Images do not
+attend to each other (a block-diagonal boolean mask, True = masked out).
 
 Legend: P patches, hv vision width, hd vision head dim, m spatial merge size, N = P / m^2 merged tokens,
 h LM width, K deepstack mergers.
@@ -12,14 +11,10 @@ h LM width, K deepstack mergers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_papo.models.common.vision import MergerMLP, VisionTowerBase, block_diagonal_mask, frame_lengths
 from megatron_papo.models.qwen3_vl.spec import Qwen3VisionSpec
-from megatron_papo.models.vision import block_diagonal_mask, vision_position_ids, vision_sharded_state_dict
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int):
@@ -44,26 +39,11 @@ def interpolation_taps(grid_thw: torch.Tensor, side: int, merge: int):
     return torch.cat(idx), torch.cat(wts)
 
 
-class PatchMerger(MegatronModule):
-    """LayerNorm on each patch, m x m neighbouring patches concatenated, then a GELU MLP to the LM width."""
+class PatchMerger(MergerMLP):
+    """LayerNorm on each patch (``norm_width`` hv), then the shared merger MLP."""
 
     def __init__(self, config: TransformerConfig, v: Qwen3VisionSpec, norm_width: int):
-        super().__init__(config=config)
-        self.width = v.hidden_size * v.spatial_merge_size ** 2
-        self.norm = torch.nn.LayerNorm(norm_width, eps=v.layernorm_eps, dtype=config.params_dtype)
-        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
-            self.width, self.width, config=config, init_method=config.init_method, bias=True, gather_output=False)
-        self.linear_fc2 = tensor_parallel.RowParallelLinear(
-            self.width, v.out_hidden_size, config=config, init_method=config.output_layer_init_method,
-            bias=True, input_is_parallel=True, skip_bias_add=False)
-
-    def normed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x).reshape(-1, 1, self.width)  # [N, 1, m^2*hv]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.linear_fc1(self.normed(x))  # [N, 1, m^2*hv/tp]
-        y, _ = self.linear_fc2(F.gelu(y))  # [N, 1, h]
-        return y.squeeze(1)
+        super().__init__(config, v, torch.nn.LayerNorm(norm_width, eps=v.layernorm_eps, dtype=config.params_dtype))
 
 
 class PostShuffleMerger(PatchMerger):
@@ -76,33 +56,22 @@ class PostShuffleMerger(PatchMerger):
         return self.norm(x.reshape(-1, 1, self.width))
 
 
-class Qwen3VisionTower(MegatronModule):
-    def __init__(self, config: TransformerConfig, v: Qwen3VisionSpec, layer_spec: ModuleSpec):
-        super().__init__(config=config)
-        self.v = v
-        # Conv3d with kernel == stride is a linear map of each flattened (c, t, p, p) patch.
-        self.patch_embed = torch.nn.Linear(v.patch_dim, v.hidden_size, bias=True, dtype=config.params_dtype)
-        config.init_method(self.patch_embed.weight)
+class Qwen3VisionTower(VisionTowerBase):
+    patch_bias = True
+
+    def _embeddings(self, config: TransformerConfig) -> None:
+        v = self.v
         self.pos_embed = torch.nn.Embedding(v.num_position_embeddings, v.hidden_size, dtype=config.params_dtype)
-        self.layers = torch.nn.ModuleList(
-            build_module(layer_spec, config=config, layer_number=i + 1) for i in range(v.depth))
+
+    def _heads(self, config: TransformerConfig) -> None:
+        v = self.v
         self.merger = PatchMerger(config, v, v.hidden_size)
         self.deepstack_mergers = torch.nn.ModuleList(PostShuffleMerger(config, v) for _ in v.deepstack_visual_indexes)
         self.deepstack_of_block = {b: k for k, b in enumerate(v.deepstack_visual_indexes)}
-        rot = v.hidden_size // v.num_heads // 2  # rotary half-dim per axis pair
-        inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+    def _state_parts(self) -> list:
         parts = [("patch_embed", self.patch_embed), ("pos_embed", self.pos_embed), ("merger", self.merger)]
-        parts += [(f"deepstack_mergers.{k}", m) for k, m in enumerate(self.deepstack_mergers)]
-        return vision_sharded_state_dict(self.layers, parts, prefix, sharded_offsets, metadata)
-
-    def _rotary(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
-        pos = vision_position_ids(grid_thw, self.v.spatial_merge_size).to(device)  # [P, 2]
-        freqs = pos[..., None].float() * self.inv_freq.to(device)  # [P, 2, hd/4]
-        half = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)  # [P, hd/2]: rows then cols
-        return torch.cat([half, half], dim=-1)[:, None, None, :]  # [P, 1, 1, hd]
+        return parts + [(f"deepstack_mergers.{k}", m) for k, m in enumerate(self.deepstack_mergers)]
 
     def _positions(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
         idx, wts = interpolation_taps(grid_thw, self.v.num_grid_per_side, self.v.spatial_merge_size)
@@ -114,8 +83,8 @@ class Qwen3VisionTower(MegatronModule):
         dev = pixel_values.device
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [P, hv]
         x = (x + self._positions(grid_thw, dev).to(x.dtype))[:, None, :]  # [P, 1, hv]
-        rot = self._rotary(grid_thw, dev)
-        frames = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0]).tolist()
+        rot = self._rotary(grid_thw, dev)[:, None, None, :]  # [P, 1, 1, hd]
+        frames = frame_lengths(grid_thw)
         mask = block_diagonal_mask(frames, dev) if len(frames) > 1 else None  # [1, 1, P, P]
         deepstack = [None] * len(self.deepstack_mergers)
         for i, layer in enumerate(self.layers):
