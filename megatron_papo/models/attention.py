@@ -134,8 +134,9 @@ class SDPAttention(MegatronModule):
         """The rows' own (response) keys: softmax output [b, ng, sq*rep, hn] and log-sum-exp [b, ng, sq*rep].
 
         Decoding (sq = 1) sees every own key, or with ``own_len`` (rows at different steps) row i its first
-        own_len[i]; scoring masks the keys after each query (causal, bottom-right aligned). A mask here is additive ([b|1, 1, sq*rep, t] float, -inf = not a key); every query must keep
-        at least one key (its own position always is one)."""
+        own_len[i]; scoring masks the keys after each query (causal, bottom-right aligned). A mask here is
+        additive ([b|1, 1, sq*rep, t] float, -inf = not a key); every query must keep at least one key (its own
+        position always is one)."""
         bias = None
         if sq > 1:
             t, rep = kv.own_key.shape[2], q.shape[2] // sq
