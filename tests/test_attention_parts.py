@@ -24,7 +24,7 @@ def _attention():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_papo.models.attention import SDPAttention
+    from megatron_papo.models.common.attention import SDPAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=NG * REP * HN, num_attention_heads=NG * REP,
                             num_query_groups=NG, kv_channels=HN)
@@ -33,7 +33,7 @@ def _attention():
 
 
 def _case(counts, sq, padded, seed=0):
-    from megatron_papo.models.attention import SharedPrefixKV
+    from megatron_papo.models.common.attention import SharedPrefixKV
 
     g = torch.Generator().manual_seed(seed)
     P, L, t, b = len(counts), 7, sq + 4, sum(counts)
@@ -88,7 +88,7 @@ def test_shared_prefix_attention_equals_float64_reference(monkeypatch, counts, s
 
 
 def test_softmax_part_log_sum_exp_equals_float64():  # fused kernel (no grad); the plain formula is above
-    from megatron_papo.models.attention import softmax_part
+    from megatron_papo.models.common.attention import softmax_part
 
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, NG, 4, HN, generator=g) for _ in range(3))

@@ -118,8 +118,9 @@ def test_fp8_and_te_requests_fail_clearly_without_support():
 def test_old_module_paths_reexport_the_new_homes():
     """Scripts written before the family folders keep importing the same objects."""
     import megatron_papo.models as models
-    from megatron_papo.models import configs, presets, rope_index, specs, vision, vlm
-    from megatron_papo.models.common import rope_index as common_rope, specs as common_specs
+    from megatron_papo.models import attention, configs, presets, rope_index, specs, vision, vlm
+    from megatron_papo.models.common import attention as common_attention, rope_index as common_rope
+    from megatron_papo.models.common import specs as common_specs
     from megatron_papo.models.qwen2_5_vl import spec as qwen25_spec, vision as qwen25_vision
 
     assert vlm.Qwen25VLModel is models.Qwen25VLModel and vlm.build_vlm is models.build_vlm
@@ -128,3 +129,4 @@ def test_old_module_paths_reexport_the_new_homes():
     assert vision.VisionTower is qwen25_vision.VisionTower and specs.local_layer_spec is common_specs.local_layer_spec
     assert rope_index.get_rope_index is common_rope.get_rope_index
     assert configs.check_tp_divisibility is models.check_tp_divisibility
+    assert attention.SDPAttention is common_attention.SDPAttention

@@ -232,7 +232,7 @@ def test_per_row_own_lengths_against_float64_attention():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_papo.models.attention import SDPAttention, SharedPrefixKV
+    from megatron_papo.models.common.attention import SDPAttention, SharedPrefixKV
 
     cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2, kv_channels=16)
     attn = SDPAttention(cfg, 1, AttnMaskType.no_mask, "self", pg_collection=SimpleNamespace(tp=SimpleNamespace(

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.common.attention import RopeCachingSelfAttention, SDPAttention
 from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.fast_decode import packed_linears

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_papo.models.attention import SharedPrefixKV
+from megatron_papo.models.common.attention import SharedPrefixKV
 from megatron_papo.platform.decode_accel import GraphBuckets, capture, graph_pool
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
 from megatron_papo.rollout.scheduler import Slots

@@ -2,7 +2,7 @@
 
 megatron-core's static cache (``StaticInferenceContext``) keeps one ``[S, b, ng, hn]`` buffer per layer and,
 in 0.16.1, re-rotates every cached key at every decode step. ``SharedPrefixContext`` is that context with two
-changes, both used through ``megatron_papo.models.attention.RopeCachingSelfAttention``:
+changes, both used through ``megatron_papo.models.common.attention.RopeCachingSelfAttention``:
 
 - keys are stored with RoPE applied (``keys_hold_rope``), so a step rotates its new key only;
 - after the prefill, each prompt's keys/values stay ONE copy ``[P, ng, L, hn]`` instead of being copied to its
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
-from megatron_papo.models.attention import SharedPrefixKV
+from megatron_papo.models.common.attention import SharedPrefixKV
 
 
 class SharedPrefixContext(StaticInferenceContext):

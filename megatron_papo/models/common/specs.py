@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
 
-from megatron_papo.models.attention import RopeCachingSelfAttention, SDPAttention
+from megatron_papo.models.common.attention import RopeCachingSelfAttention, SDPAttention
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
