@@ -74,7 +74,7 @@ def _reference(query, kv):
     ([2, 2, 1], 3, True),  # scoring: sq queries per row, causal on the own keys
 ])
 def test_shared_prefix_attention_equals_float64_reference(monkeypatch, counts, sq, padded, fused):
-    from megatron_papo.models import attention
+    from megatron_papo.models.common import attention
 
     if not fused:
         monkeypatch.setattr(attention, "_CPU_FLASH", None)  # the plain-op formula (other devices)
