@@ -75,8 +75,10 @@ def _user_files(out: Path) -> dict:
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     tok.add_tokens([AddedToken("<think>", special=False), AddedToken("</think>", special=False)])
     tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
-    tok.chat_template = THINKING_TEMPLATE
     tok.save_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = THINKING_TEMPLATE           # where the published files keep it
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     Qwen2VLImageProcessorPil(size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, patch_size=16,
                              temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3,
                              image_std=[0.5] * 3).save_pretrained(out)
@@ -184,3 +186,31 @@ def test_train_from_converted_checkpoint(converted, tmp_path):
     out = _run(["-m", "megatron_papo.cli", "train", "--config", ROOT / "examples/tiny_cpu.yaml",
                 *[a for s in sets for a in ("--set", s)]], tmp_path)
     assert "step 1/1" in out.stdout and (tmp_path / "ckpt/step_1/metadata.json").is_file()
+
+
+def test_checkpoint_files_decide_processor_and_template(tmp_path):
+    """preprocessor_config.json in either spelling of the pixel range, a patch size of the wrong family refused
+    with one line; a chat template kept only in the processor's chat_template.json is still the one used."""
+    from megatron_papo.data.tokenizer import HFTokenizer
+    from megatron_papo.models import family_of_preset
+    from megatron_papo.training.loading import converted_processor
+
+    qwen3, qwen25 = family_of_preset("qwen3-vl-tiny"), family_of_preset("tiny")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 3136, "max_pixels": 12845056,
+                                                                   "patch_size": 14, "merge_size": 2}))
+    proc = converted_processor(tmp_path, qwen25)
+    assert (proc.min_pixels, proc.max_pixels, proc.patch_size) == (3136, 12845056, 14)
+    with pytest.raises(ValueError, match="patch_size=14 but a qwen3-vl model takes 16"):
+        converted_processor(tmp_path, qwen3)
+    (tmp_path / "preprocessor_config.json").unlink()
+    default = converted_processor(tmp_path, qwen3)
+    assert default.patch_size == 16 and default.min_pixels > MAX_PIXELS
+
+    _user_files(tmp_path / "tok")
+    cfg = json.loads((tmp_path / "tok/tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tok/tokenizer_config.json").write_text(json.dumps(cfg))
+    assert HFTokenizer(tmp_path / "tok").response_prefix == ""           # no template: Qwen2.5-VL's layout
+    (tmp_path / "tok/chat_template.json").write_text(json.dumps({"chat_template": THINKING_TEMPLATE}))
+    tok = HFTokenizer(tmp_path / "tok")
+    assert tok.response_prefix == "<think>\n" and not tok.chat_prompt("Q?", 1).startswith("<|im_start|>system")

@@ -4,7 +4,8 @@
   the newest is taken); the model and tokenizer are rebuilt from the resolved config stored in it;
 - a converted checkpoint written by ``tools/convert_checkpoint.py hf-to-mcore``: ``megatron_papo_model.json`` +
   ``model/``, with the Hugging Face tokenizer files (``tokenizer.json``) or a sentencepiece ``tokenizer.model``
-  copied into the same directory.
+  copied into the same directory; images are processed with the pixel range of its ``preprocessor_config.json``
+  (as transformers' processor of that checkpoint does).
 
 Both load at whatever tensor-parallel size the caller initialised.
 """
