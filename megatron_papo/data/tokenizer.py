@@ -133,6 +133,8 @@ class HFTokenizer:
                              f"it at the model directory holding tokenizer.json / tokenizer_config.json")
         self.path = str(path)
         self._tok = AutoTokenizer.from_pretrained(self.path)
+        if not getattr(self._tok, "chat_template", None):
+            self._tok.chat_template = processor_chat_template(Path(path))
         vocab = self._tok.get_vocab()
         missing = [t for t in (IMAGE_PAD, VISION_START, VISION_END, IM_START, IM_END) if t not in vocab]
         if missing:
@@ -167,6 +169,15 @@ class HFTokenizer:
     def response_text(self, ids: Sequence[int]) -> str:
         """A response as the reward reads it: the template's think opener (if any), then the decoded tokens."""
         return self.response_prefix + self.decode(ids)
+
+
+def processor_chat_template(path: Path) -> Optional[str]:
+    """The chat template a processor keeps in its own ``chat_template.json`` (a download may hold the template only
+    there, not in tokenizer_config.json / chat_template.jinja, which the tokenizer reads itself), or None."""
+    import json
+
+    f = path / "chat_template.json"
+    return json.loads(f.read_text()).get("chat_template") if f.is_file() else None
 
 
 def default_cache_dir() -> Path:

@@ -24,7 +24,7 @@ class EvalSettings:
     mask_ratio: float = 0.6                     # PAPO random-patch mask: share of cells blackened
     mask_patch_size: Optional[int] = None       # ... cell size in raw-image pixels (None: the family's patch)
     mask_fill: int = 0                          # ... value of a blackened cell
-    min_pixels: Optional[int] = None            # the processor's range (None: the checkpoint's data config)
+    min_pixels: Optional[int] = None            # the processor's range (None: the checkpoint's own)
     max_pixels: Optional[int] = None
     harness_pixels: Optional[tuple] = None      # (min, max) area pre-resize of the PAPO harness, None: off
     protocol: Optional[str] = None              # "papo-eval" or None

@@ -4,7 +4,8 @@
   the newest is taken); the model and tokenizer are rebuilt from the resolved config stored in it;
 - a converted checkpoint written by ``tools/convert_checkpoint.py hf-to-mcore``: ``megatron_papo_model.json`` +
   ``model/``, with the Hugging Face tokenizer files (``tokenizer.json``) or a sentencepiece ``tokenizer.model``
-  copied into the same directory.
+  copied into the same directory; images are processed with the pixel range of its ``preprocessor_config.json``
+  (as transformers' processor of that checkpoint does).
 
 Both load at whatever tensor-parallel size the caller initialised.
 """
@@ -67,6 +68,29 @@ def converted_tokenizer(path: Path):
                             "tokenizer files into the checkpoint directory")
 
 
+PREPROCESSOR = "preprocessor_config.json"
+
+
+def converted_processor(path: Path, family):
+    """The family's image processor with the pixel range of the checkpoint's own ``preprocessor_config.json``
+    (what transformers' processor of that checkpoint uses); without the file, the data config's defaults."""
+    import json
+
+    data = DataConfig()
+    if not (path / PREPROCESSOR).is_file():
+        return family.image_processor(data.min_pixels, data.max_pixels)
+    cfg = json.loads((path / PREPROCESSOR).read_text())
+    size = cfg.get("size") or {}
+    # transformers >= 4.5x writes size.shortest_edge / longest_edge (pixels); older Qwen2-VL files min/max_pixels
+    lo, hi = size.get("shortest_edge", cfg.get("min_pixels")), size.get("longest_edge", cfg.get("max_pixels"))
+    processor = family.image_processor(lo or data.min_pixels, hi or data.max_pixels)
+    for key in ("patch_size", "merge_size", "temporal_patch_size"):
+        if key in cfg and cfg[key] != getattr(processor, key):
+            raise ValueError(f"{path / PREPROCESSOR}: {key}={cfg[key]} but a {family.name} model takes "
+                             f"{getattr(processor, key)}; copy the preprocessor_config.json of that model")
+    return processor
+
+
 def check_checkpoint(path: str) -> Path:
     """Fail early, before any process group starts, with what is missing."""
     p = resolve_checkpoint(path)
@@ -90,9 +114,8 @@ def load_for_inference(path: str) -> InferenceModel:
     if is_converted(p):
         from megatron_papo.convert import load_vlm
 
-        data = DataConfig()
         model = load_vlm(str(p)).eval()
-        processor = family_of_spec(model.spec).image_processor(data.min_pixels, data.max_pixels)
+        processor = converted_processor(p, family_of_spec(model.spec))
         return InferenceModel(model, converted_tokenizer(p), processor, 0, p)
     from megatron_papo.training.checkpoint import load_checkpoint
     from megatron_papo.training.trainer import build_model
