@@ -198,3 +198,27 @@ def test_tokenizer_contract_attributes(spm_tok, hf_dir):
         assert tok.eos_id in tok.stop_ids
     corpus = synthetic_corpus()
     assert any("\\boxed{" in t for t in corpus)
+
+
+def test_hf_tokenizer_without_a_chat_template_says_so(hf_dir, tmp_path, caplog):
+    """Files without any chat template: the Qwen2.5-VL layout is used and a warning names the files to copy."""
+    import json
+    import logging
+    import shutil
+
+    from megatron_papo.data.tokenizer import HFTokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_dir, bare)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger="megatron_papo.data.tokenizer"):
+        tok = HFTokenizer(bare)
+    assert "has no chat template" in caplog.text and "chat_template.json" in caplog.text
+    assert tok.chat_prompt("q", 1) == qwen_chat_prompt("q", 1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_papo.data.tokenizer"):
+        HFTokenizer(hf_dir)
+    assert "no chat template" not in caplog.text

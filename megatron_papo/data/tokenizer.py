@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -135,6 +136,11 @@ class HFTokenizer:
         self._tok = AutoTokenizer.from_pretrained(self.path)
         if not getattr(self._tok, "chat_template", None):
             self._tok.chat_template = processor_chat_template(Path(path))
+        if not self._tok.chat_template:  # said once: a Qwen3-VL prompt rendered this way is not its template's
+            logging.getLogger(__name__).warning(
+                "tokenizer at %s has no chat template (tokenizer_config.json, chat_template.jinja or "
+                "chat_template.json): prompts use the Qwen2.5-VL layout (system turn, images first); copy the "
+                "model's template files next to the tokenizer for any other model", self.path)
         vocab = self._tok.get_vocab()
         missing = [t for t in (IMAGE_PAD, VISION_START, VISION_END, IM_START, IM_END) if t not in vocab]
         if missing:
