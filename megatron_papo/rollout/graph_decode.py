@@ -29,7 +29,7 @@ import torch
 from megatron_papo.models.common.attention import SharedPrefixKV
 from megatron_papo.platform.decode_accel import GraphBuckets, capture, graph_pool
 from megatron_papo.rollout.kv_cache import SharedPrefixContext
-from megatron_papo.rollout.scheduler import Slots
+from megatron_papo.rollout.scheduler import Outputs, Slots
 
 
 class FixedSlotContext(SharedPrefixContext):
@@ -139,10 +139,7 @@ class FixedShapeDecoder:
         self.stats["peak_rows"] = max(self.stats["peak_rows"], int(self.alive.sum()))
 
     def decode(self, params, seed: int, row_offset: int = 0):
-        N, T, eng = self.batch.positions.shape[1], self.T, self.engine
-        tokens = torch.full((N, T), eng.pad_id, dtype=torch.long)
-        logprobs, reason = torch.zeros(N, T), torch.zeros(N, dtype=torch.long)
-        lengths = torch.zeros(N, dtype=torch.long)
+        out = Outputs(self.batch.positions.shape[1], self.T, self.engine.pad_id)
         while True:
             if self.slots.waiting:
                 self._admit()
@@ -150,20 +147,15 @@ class FixedShapeDecoder:
             if b == 0:
                 break
             logits = None if self.logits is None else self.logits[:b]
-            tok, lp = eng._pick(logits, self.rows[:b] + row_offset, self.steps[:b], params, seed)
-            a = self.alive[:b].nonzero().squeeze(-1)
-            rows, steps = self.rows[a], self.steps[a]
-            tokens[rows, steps], logprobs[rows, steps] = tok[a], lp[a]
-            code = eng._finish(tok[a], rows, steps, tokens, self.batch.limits, params)
-            done = code > 0
-            reason[rows[done]], lengths[rows[done]] = code[done], steps[done] + 1
-            self.alive[a[done]] = False
+            alive = self.alive[:b]  # a view: take() marks finished rows in self.alive
+            tok = out.take(self.engine, logits, self.rows[:b], self.steps[:b], alive, self.batch.limits, params,
+                           seed, row_offset)
             self._free_groups()
             if not bool(self.alive.any()) and not self.slots.waiting:
                 break
             self._step(tok, b)
             self.steps[:b] += self.alive[:b].long()
-        return tokens, logprobs, lengths, reason
+        return out.result()
 
     def _free_groups(self) -> None:
         for g, p in enumerate(self.group_prompt):

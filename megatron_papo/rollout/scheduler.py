@@ -73,6 +73,33 @@ class Running:
             self.logits = logits if self.logits is None or not len(self.logits) else torch.cat([self.logits, logits])
 
 
+class Outputs:
+    """What a call's decode loop records for its N rows: tokens and log-probs [N, T], lengths and finish codes [N]
+    (0: still generating)."""
+
+    def __init__(self, N: int, T: int, pad_id: int):
+        self.tokens = torch.full((N, T), pad_id, dtype=torch.long)
+        self.logprobs, self.reason = torch.zeros(N, T), torch.zeros(N, dtype=torch.long)
+        self.lengths = torch.zeros(N, dtype=torch.long)
+
+    def take(self, engine, logits, rows, steps, alive, limits, params, seed: int, row_offset: int):
+        """Draw a token for each of the b computed rows (sample rows ``rows`` at ``steps``; a finished row's draw
+        is ignored), record the alive rows' tokens and finish codes, mark the rows that finished in ``alive``
+        (in place). Returns the drawn tokens [b]."""
+        tok, lp = engine._pick(logits, rows + row_offset, steps, params, seed)
+        a = alive.nonzero().squeeze(-1)
+        rows, steps = rows[a], steps[a]
+        self.tokens[rows, steps], self.logprobs[rows, steps] = tok[a], lp[a]
+        code = engine._finish(tok[a], rows, steps, self.tokens, limits, params)
+        done = code > 0
+        self.reason[rows[done]], self.lengths[rows[done]] = code[done], steps[done] + 1
+        alive[a[done]] = False
+        return tok
+
+    def result(self):
+        return self.tokens, self.logprobs, self.lengths, self.reason
+
+
 class ContinuousDecoder:
     """One ``generate`` call's decode loop on the shared-prompt cache, with a row cap and refills."""
 
@@ -95,29 +122,21 @@ class ContinuousDecoder:
 
     def decode(self, params, seed: int, row_offset: int = 0):
         """(tokens [N, T], log-probs [N, T], lengths [N], finish codes [N]) of every row of the call."""
-        N, T, eng, run = self.batch.positions.shape[1], self.T, self.engine, self.run
-        tokens = torch.full((N, T), eng.pad_id, dtype=torch.long)
-        logprobs, reason = torch.zeros(N, T), torch.zeros(N, dtype=torch.long)  # reason 0: running
-        lengths = torch.zeros(N, dtype=torch.long)
+        run = self.run
+        out = Outputs(self.batch.positions.shape[1], self.T, self.engine.pad_id)
         while True:
             if self.slots.waiting:
                 self._admit()
             if not len(run.rows):
                 break
-            tok, lp = eng._pick(run.logits, run.rows + row_offset, run.steps, params, seed)
-            a = run.alive.nonzero().squeeze(-1)  # a finished row's draws are ignored
-            rows, steps = run.rows[a], run.steps[a]
-            tokens[rows, steps], logprobs[rows, steps] = tok[a], lp[a]
-            code = eng._finish(tok[a], rows, steps, tokens, self.batch.limits, params)
-            done = code > 0
-            reason[rows[done]], lengths[rows[done]] = code[done], steps[done] + 1
-            run.alive[a[done]] = False
+            tok = out.take(self.engine, run.logits, run.rows, run.steps, run.alive, self.batch.limits, params, seed,
+                           row_offset)
             if not bool(run.alive.any()) and not self.slots.waiting:
                 break
             tok = self._compact(tok)
             run.logits = self._step(tok) if len(run.rows) else None
             run.steps = run.steps + run.alive.long()
-        return tokens, logprobs, lengths, reason
+        return out.result()
 
     def _admit(self) -> None:
         """Prefill the waiting prompts that fit and append their rows (step 0) to the running batch."""
