@@ -8,7 +8,8 @@ How a call runs:
    attention cannot share (not the local spec's), is copied to the n sample rows of megatron's static cache;
 2. decode: one token per active row per step; M-RoPE positions continue from each prompt's largest position
    (Qwen2.5-VL's rope delta); tokens are sampled on the last stage from vocab-parallel logits and broadcast to
-   every stage;
+   every stage; on the local spec at TP = 1, PP = 1 a step is computed directly from the layers' weights
+   (``rollout.lean_decode``, same logits), elsewhere by megatron's forward;
 3. rows finish independently (EOS, a stop string, their token budget); finished rows are dropped from the KV
    cache and the batch once enough of them accumulate, so they stop costing compute;
 4. with a row cap (``max_rows``, ``rollout.max_batch_rows``) at most that many rows are in flight: prompts wait
