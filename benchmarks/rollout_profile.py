@@ -116,6 +116,9 @@ def profile_decode(engine):
 
     engine._decode, engine._prefill = profiled_decode, timed_prefill
     _wrap(engine, "_pick", prof, "sampling (+ broadcast to stages)", on_call=lambda: _count(prof))
+    step = engine.decode_forward
+    if step == engine._lean_step:  # no module hooks fire inside the lean step: one part for all of it
+        _wrap(engine, "decode_forward", prof, "lean decode step (all layers, output layer)")
     try:
         yield prof
     finally:
@@ -123,6 +126,7 @@ def profile_decode(engine):
             h.remove()
         for attr in ("_decode", "_pick", "_prefill"):
             delattr(engine, attr)
+        engine.decode_forward = step
 
 
 def _count(prof: StepProfile) -> None:

@@ -12,8 +12,9 @@ Workloads (``--workloads``), each timed on both sides, interleaved (HF, engine, 
   batch until the longest is done, the engine drops them. Also prints the share of computed decode rows that
   were already finished (static batch vs the engine).
 
-``--profile`` first prints where a decode step's CPU time goes (``rollout_profile.py``), with plain and with
-prepacked matmuls.
+``--profile`` first prints where a decode step's CPU time goes (``rollout_profile.py``), through megatron's
+modules with plain and with prepacked matmuls, and for the lean decode step (``rollout/lean_decode.py``, one row).
+``--no-lean`` runs the engine's decode steps through megatron's forward instead of the lean step (to compare).
 
 Model: a Qwen2.5-VL with a ~55M-parameter language model (hidden 512, 8 layers, vocab 32000; ~210 MB fp32),
 random weights, saved by transformers and loaded into the megatron model with megatron_papo.convert.
@@ -68,7 +69,7 @@ def _run_hf(model, ids, args) -> float:
     return dt
 
 
-def _engine(hf_dir: str):
+def _engine(hf_dir: str, lean: bool = True):
     import json
 
     from megatron_papo.convert import HFCheckpoint, fill_from_hf
@@ -81,7 +82,7 @@ def _engine(hf_dir: str):
     spec = spec_from_hf_config(json.load(open(os.path.join(hf_dir, "config.json"))))
     model = build_vlm(spec).eval()
     fill_from_hf(model, HFCheckpoint(hf_dir))
-    return MegatronEngine(model, max_seq_len=4096, eos_ids=[], pad_id=0)
+    return MegatronEngine(model, max_seq_len=4096, eos_ids=[], pad_id=0, lean_decode=lean)
 
 
 def _run_engine(engine, ids, args, lengths=None) -> float:
@@ -107,25 +108,25 @@ class _RowBudgets:
         self.engine, self.lengths, self.row_steps = engine, lengths, 0
 
     def __enter__(self):
-        layout, forward = self.engine._layout, self.engine.stages.forward
+        layout, self.decode = self.engine._layout, self.engine.decode_forward
 
         def budgeted(prompts, n, max_new):
             batch = layout(prompts, n, max_new)
             batch.limits = self.lengths.clone()
             return batch
 
-        def counted(ids, *a, prefill, **k):
-            self.row_steps += 0 if prefill else ids.shape[0]
-            return forward(ids, *a, prefill=prefill, **k)
+        def counted(ids, *a, **k):  # the engine's decode step (lean or megatron's forward)
+            self.row_steps += ids.shape[0]
+            return self.decode(ids, *a, **k)
 
         if self.lengths is not None:
             self.engine._layout = budgeted
-        self.engine.stages.forward = counted
+        self.engine.decode_forward = counted
         return self
 
     def __exit__(self, *exc):
         self.engine.__dict__.pop("_layout", None)
-        del self.engine.stages.forward
+        self.engine.decode_forward = self.decode
 
 
 def _row_budgets(engine, lengths):
@@ -195,25 +196,26 @@ def _print_profile(engine, ids, args):
     from rollout_profile import profile_decode
 
     short = argparse.Namespace(**{**vars(args), "new_tokens": min(args.new_tokens, 24)})
-    results = {}
-    for packed in (False, True):
+    results, step = [], engine.decode_forward
+    for packed, lean in ((False, False), (True, False), (True, True)):  # module hooks see megatron's forward only
         engine.packed_weights = packed
+        engine.decode_forward = engine._lean_step if lean and engine.lean_decode else engine._megatron_step
         with profile_decode(engine) as prof:
             _run_engine(engine, ids, short)
-        results[packed] = prof
-    engine.packed_weights = True
+        results.append(prof)
+    engine.packed_weights, engine.decode_forward = True, step
     print(f"decode step profile (n={args.n}, batch {args.prompts * args.n}, {short.new_tokens} steps; exclusive "
           f"CPU ms per step, share):")
-    print(f"  {'part':<56}{'plain matmuls':>18}{'prepacked':>18}")
-    before = {c: (ms, sh) for c, ms, sh in results[False].table()}
-    for c, ms, sh in results[True].table():
-        b_ms, b_sh = before.get(c, (0.0, 0.0))
-        print(f"  {c:<56}{b_ms:>9.2f} {b_sh:>7.1%}{ms:>9.2f} {sh:>7.1%}")
-    totals = [sum(ms for _, ms, _ in results[k].table()) for k in (False, True)]
-    print(f"  {'step total':<56}{totals[0]:>9.2f} {'':>7}{totals[1]:>9.2f}")
-    pre = [1e3 * results[k].prefill_seconds for k in (False, True)]
+    print(f"  {'part':<56}{'plain matmuls':>18}{'prepacked':>18}{'prepacked, lean':>18}")
+    parts = [{c: (ms, sh) for c, ms, sh in r.table()} for r in results]
+    for c in sorted(set().union(*parts), key=lambda c: -max(p.get(c, (0.0, 0.0))[0] for p in parts[1:])):
+        print(f"  {c:<56}" + "".join(f"{p.get(c, (0.0, 0.0))[0]:>9.2f} {p.get(c, (0.0, 0.0))[1]:>7.1%}"
+                                     for p in parts))
+    totals = [sum(ms for _, ms, _ in r.table()) for r in results]
+    print(f"  {'step total':<56}" + "".join(f"{t:>9.2f} {'':>7}" for t in totals))
+    pre = [1e3 * r.prefill_seconds for r in results]
     print(f"  {f'prefill ({args.prompts} prompts x {args.prompt_len} tokens; packing incl.), ms per call':<56}"
-          f"{pre[0]:>9.1f} {'':>7}{pre[1]:>9.1f}")
+          + "".join(f"{t:>9.1f} {'':>7}" for t in pre))
 
 
 def _print_table(entries, args):
@@ -251,7 +253,9 @@ def main() -> None:
     p.add_argument("--tail-median", type=float, default=48.0, help="tail workload: median response length")
     p.add_argument("--tail-sigma", type=float, default=0.8, help="tail workload: log-normal sigma")
     p.add_argument("--profile", action="store_true",
-                   help="also print where a decode step's CPU time goes (plain vs prepacked matmuls)")
+                   help="also print where a decode step's CPU time goes (plain vs prepacked matmuls, lean step)")
+    p.add_argument("--no-lean", action="store_true",
+                   help="decode through megatron's forward instead of the lean decode step (rollout/lean_decode)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -259,7 +263,7 @@ def main() -> None:
         raise ValueError(f"--workloads: pick from shared, single, tail (got {args.workloads!r})")
     with tempfile.TemporaryDirectory() as hf_dir:
         hf = _hf_model(hf_dir, args)
-        engine = _engine(hf_dir)
+        engine = _engine(hf_dir, lean=not args.no_lean)
         ids = _prompts(args)
         warm = argparse.Namespace(**{**vars(args), "new_tokens": 4})
         _run_hf(hf, ids[:, :16], warm), _run_engine(engine, ids[:, :16], warm)  # one-time costs out of the timing
@@ -281,7 +285,8 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M language params ({params * 4 / 2**20:.0f} MiB fp32), torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"prompts of {args.prompt_len} tokens, sampling T=1, median of {args.repeats} interleaved runs; "
-          f"{args.new_tokens} new tokens per row (shared, n=1)")
+          f"{args.new_tokens} new tokens per row (shared, n=1); decode step: "
+          f"{'lean (rollout/lean_decode.py)' if engine.lean_decode else 'megatron forward'}")
     if waste is not None:
         (static, compacted), lengths = waste
         print(f"long tail: lengths log-normal(median {args.tail_median:g}, sigma {args.tail_sigma:g}) capped at "

@@ -74,10 +74,11 @@ def _body(rank, world_size, hf_dir, prompts_raw):
     linears = [m for m in model.modules() if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
     out["restored"] = not any("_forward_impl" in vars(m) or "forward" in vars(m) for m in linears)
     out["tp1_forward"] = _tp1_forward_equals_megatron_forward(model)
-    engine = MegatronEngine(model, max_seq_len=40, eos_ids=[])
-    with profile_decode(engine) as prof:
-        engine.generate(prompts, 2, greedy, seed=0)
-    out["profile"] = dict(steps=prof.steps, parts=[c for c, _, _ in prof.table()])
+    for lean in (False, True):  # the module breakdown is megatron's forward; the lean step is one part
+        engine = MegatronEngine(model, max_seq_len=40, eos_ids=[], lean_decode=lean)
+        with profile_decode(engine) as prof:
+            engine.generate(prompts, 2, greedy, seed=0)
+        out["profile", lean] = dict(steps=prof.steps, parts=[c for c, _, _ in prof.table()])
     return out
 
 
@@ -140,11 +141,12 @@ def test_unpadded_prompts_equal_megatron_cache_path(results):
 
 
 def test_decode_profile_accounts_every_step(results):
-    p = results["profile"]
-    assert p["steps"] == 16
+    p, lean = results["profile", False], results["profile", True]
+    assert p["steps"] == 16 and lean["steps"] == 16
     for part in ("output layer (vocab matmul)", "linear layers (qkv, proj, fc1, fc2)",
                  "core attention (scores, softmax, values)", "sampling (+ broadcast to stages)"):
         assert part in p["parts"], p["parts"]
+    assert "lean decode step (all layers, output layer)" in lean["parts"], lean["parts"]
 
 
 def test_packed_linear_matches_float64_reference():

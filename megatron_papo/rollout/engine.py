@@ -8,7 +8,8 @@ How a call runs:
    attention cannot share (not the local spec's), is copied to the n sample rows of megatron's static cache;
 2. decode: one token per active row per step; M-RoPE positions continue from each prompt's largest position
    (Qwen2.5-VL's rope delta); tokens are sampled on the last stage from vocab-parallel logits and broadcast to
-   every stage;
+   every stage; on the local spec at TP = 1, PP = 1 a step is computed directly from the layers' weights
+   (``rollout.lean_decode``, same logits), elsewhere by megatron's forward;
 3. rows finish independently (EOS, a stop string, their token budget); finished rows are dropped from the KV
    cache and the batch once enough of them accumulate, so they stop costing compute;
 4. with a row cap (``max_rows``, ``rollout.max_batch_rows``) at most that many rows are in flight: prompts wait
@@ -35,6 +36,7 @@ from megatron_papo.models.fp8_padding import fp8_off
 from megatron_papo.rollout.base import RolloutOutput, empty_output
 from megatron_papo.rollout.fast_decode import packed_linears
 from megatron_papo.rollout.graph_decode import FixedShapeDecoder
+from megatron_papo.rollout.lean_decode import LeanDecodeStep
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
 from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
@@ -65,13 +67,16 @@ class MegatronEngine:
     max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n);
     fixed_shape: decode on fixed-size buffers (``rollout.graph_decode``), each step captured as a CUDA graph per
     batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions);
-    cuda_graphs: with fixed_shape, whether to capture (False: the same fixed-shape steps, eager).
+    cuda_graphs: with fixed_shape, whether to capture (False: the same fixed-shape steps, eager);
+    lean_decode: decode steps on the shared-prompt cache computed directly from the layers' weights
+    (``rollout.lean_decode``: same logits, less per-module overhead) where the model allows it (local spec,
+    TP = 1, PP = 1, no sequence parallelism); False, or any other model: megatron's forward.
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
                  compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0,
-                 fixed_shape: bool = False, cuda_graphs: bool = True):
+                 fixed_shape: bool = False, cuda_graphs: bool = True, lean_decode: bool = True):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -101,6 +106,10 @@ class MegatronEngine:
                              "spec's attention); use fixed_shape=False with this spec")
         self.fixed_shape = fixed_shape  # decode on fixed buffers, CUDA graphs per bucket (rollout.graph_decode)
         self.cuda_graphs = cuda_graphs  # fixed_shape: capture the steps where the device can (False: eager)
+        # the decode step of the shared-prompt cache, chosen once by capability (rollout.lean_decode)
+        self.lean_decode = lean_decode and self.shared_cache and LeanDecodeStep.supports(self.stages)
+        self._lean = LeanDecodeStep(self.stages.model) if self.lean_decode else None
+        self.decode_forward = self._lean_step if self.lean_decode else self._megatron_step
         self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
@@ -194,6 +203,15 @@ class MegatronEngine:
         ctx.sequence_len_offset, ctx.batch_size_offset = L, 0
         ctx.enable_decode_mode()
         return torch.cat(chunks) if self.stages.last else None
+
+    def _megatron_step(self, ids, position_ids, ctx):
+        """One decode step through megatron's forward: ids [b, 1], position_ids [3, b, 1] -> logits [b, Vs]."""
+        return self.stages.forward(ids, position_ids, None, ctx, prefill=False)
+
+    def _lean_step(self, ids, position_ids, ctx):
+        """The same step computed directly from the layers' weights (``LeanDecodeStep``)."""
+        dev = self.stages.device
+        return self._lean(ids.to(dev), position_ids.to(dev), ctx)
 
     def _decode(self, decoder, params, seed, row_offset=0):
         """The decode loop, a method of its own (benchmarks/rollout_profile.py times it): (tokens [N, T],

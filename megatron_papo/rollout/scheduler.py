@@ -182,7 +182,7 @@ class ContinuousDecoder:
         else:
             ctx.set_row_steps(run.steps.to(self.engine.stages.device), hi + 1)
         ctx.sequence_len_offset = L + hi
-        return self.engine.stages.forward(tok[:, None], pos, None, ctx, prefill=False)
+        return self.engine.decode_forward(tok[:, None], pos, ctx)  # lean or megatron's (MegatronEngine)
 
 
 def concat_outputs(parts: list[RolloutOutput], pad_id: int) -> RolloutOutput:
