@@ -60,7 +60,7 @@ class _Both:
 def _compare(model, prompts, max_rows, params):
     from megatron_papo.rollout import MegatronEngine
 
-    engine = MegatronEngine(model, max_seq_len=40, eos_ids=EOS, max_rows=max_rows)
+    engine = MegatronEngine(model, max_seq_len=40, eos_ids=EOS, max_rows=max_rows, lean_decode=True)
     both = engine.decode_forward = _Both(engine)
     engine.generate(prompts, 3, params, seed=11)
     return dict(lean=engine.lean_decode, worst=max(both.diffs), steps=both.steps,
