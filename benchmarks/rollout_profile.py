@@ -89,9 +89,11 @@ def profile_decode(engine):
     """Profile the decode loop of every ``engine.generate`` inside the block; yields the ``StepProfile``."""
     prof = StepProfile()
     handles = []
+    lean = engine.decode_forward == engine._lean_step
     for name, module in engine.stages.model.named_modules():
         cat = _category(name, module)
-        if cat is not None:
+        # the lean step runs the VLM's forward hooks (not its pre-hooks) on its logits: no pair on the VLM then
+        if cat is not None and not (lean and module is engine.stages.model):
             handles.append(module.register_forward_pre_hook(lambda m, a, c=cat: prof.enter(c)))
             handles.append(module.register_forward_hook(lambda m, a, o: prof.leave()))
     decode = engine._decode
@@ -117,7 +119,7 @@ def profile_decode(engine):
     engine._decode, engine._prefill = profiled_decode, timed_prefill
     _wrap(engine, "_pick", prof, "sampling (+ broadcast to stages)", on_call=lambda: _count(prof))
     step = engine.decode_forward
-    if step == engine._lean_step:  # no module hooks fire inside the lean step: one part for all of it
+    if lean:  # no module hooks fire inside the lean step: one part for all of it
         _wrap(engine, "decode_forward", prof, "lean decode step (all layers, output layer)")
     try:
         yield prof

@@ -108,6 +108,9 @@ class RolloutConfig:
     # rows in flight in the rollout engine at most, KV cache included; prompts wait and join as rows finish
     # (continuous batching; same outputs); 0: every row of a step at once; else >= rollout.n
     max_batch_rows: int = 0
+    # decode steps computed directly from the layers' weights where the model allows it (local spec, TP = PP = 1;
+    # same logits as megatron's forward, faster on CPU); false: every step through megatron's forward
+    lean_decode: bool = True
 
 
 @dataclass

@@ -5,6 +5,9 @@ its own new key before reading the cache) and compares their logits: tiny Qwen2.
 layer) and tiny Qwen3-VL (q / k norm, interleaved M-RoPE, tied output layer), float32 and float64, left-padded
 prompts with an image, with and without a row cap (rows at different steps). A lean step with the rotary left
 out must be caught by the same comparison. Tokens (greedy and sampled) are identical with lean decode on and off.
+The trainer's setting: a forward hook on the VLM bans the vision special tokens (``training.banned_tokens``,
+``<|vision_end|>`` included, which the engine itself does not ban); the lean step must apply it as megatron's
+forward does (same logits, -inf entries included; same sampled tokens and log-probs).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ class _Both:
     def __call__(self, ids, position_ids, ctx):
         ref = self.engine._megatron_step(ids, position_ids, ctx)
         out = self.engine._lean_step(ids, position_ids, ctx)
-        self.diffs.append(float((out - ref).abs().max() / ref.abs().max()))
+        fin = torch.isfinite(ref)  # -inf: banned tokens and vocabulary padding, the same entries in both
+        same = torch.equal(fin, torch.isfinite(out))
+        self.diffs.append(float((out - ref)[fin].abs().max() / ref[fin].abs().max()) if same else float("inf"))
         self.steps += 1
         return out
 
@@ -79,6 +84,7 @@ def _tokens(model, prompts, lean, max_rows, params):
 def _body(rank, world_size):
     from megatron_papo.rollout import SamplingParams
     from megatron_papo.rollout import lean_decode
+    from megatron_papo.training.banned_tokens import ban_tokens
 
     sampled = SamplingParams(temperature=1.2, top_p=0.9, top_k=50, max_new_tokens=12)
     greedy = SamplingParams(greedy=True, max_new_tokens=12)
@@ -92,6 +98,12 @@ def _body(rank, world_size):
         for name, params in (("greedy", greedy), ("sampled", sampled)):
             for cap in (0, 6):
                 out[family, name, cap] = [_tokens(model, prompts, lean, cap, params) for lean in (True, False)]
+        handle = ban_tokens(model, [VEND])  # as the trainer does (build_model)
+        try:
+            out[family, "banned"] = _compare(model, prompts, 0, sampled)
+            out[family, "banned", "tokens"] = [_tokens(model, prompts, lean, 0, sampled) for lean in (True, False)]
+        finally:
+            handle.remove()
         rotate, lean_decode.rotate = lean_decode.rotate, lambda t, cos, sin: t  # a lean step without rotary
         try:
             out[family, "no rotary"] = _compare(model, prompts, 0, greedy)
@@ -135,4 +147,18 @@ def test_tokens_identical_with_and_without_lean_step(results, family, name, cap)
     lean, plain = results[family, name, cap]
     assert lean["lean"] and not plain["lean"]
     assert lean["ids"] == plain["ids"] and lean["lengths"] == plain["lengths"]
+    torch.testing.assert_close(torch.tensor(lean["logprobs"]), torch.tensor(plain["logprobs"]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_vlm_forward_hook_applies_to_the_lean_step(results, family):
+    """The trainer's banned-token hook: logits equal megatron's (the banned entry -inf in both), the sampled tokens
+    and log-probs equal with the lean step on and off, the banned token never sampled."""
+    r = results[family, "banned"]
+    assert r["lean"] and r["steps"] >= 10
+    assert r["worst"] <= 1e-6, r
+    lean, plain = results[family, "banned", "tokens"]
+    assert lean["lean"] and not plain["lean"]
+    assert lean["ids"] == plain["ids"] and lean["lengths"] == plain["lengths"]
+    assert not any(VEND in row for row in lean["ids"])
     torch.testing.assert_close(torch.tensor(lean["logprobs"]), torch.tensor(plain["logprobs"]), atol=1e-6, rtol=0)

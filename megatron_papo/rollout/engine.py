@@ -8,8 +8,8 @@ How a call runs:
    attention cannot share (not the local spec's), is copied to the n sample rows of megatron's static cache;
 2. decode: one token per active row per step; M-RoPE positions continue from each prompt's largest position
    (Qwen2.5-VL's rope delta); tokens are sampled on the last stage from vocab-parallel logits and broadcast to
-   every stage; with ``lean_decode=True`` (opt-in) on the local spec at TP = 1, PP = 1 a step is computed
-   directly from the layers' weights (``rollout.lean_decode``), otherwise by megatron's forward;
+   every stage; on the local spec at TP = 1, PP = 1 a step is computed directly from the layers' weights
+   (``rollout.lean_decode``; ``lean_decode=False`` turns it off), otherwise by megatron's forward;
 3. rows finish independently (EOS, a stop string, their token budget); finished rows are dropped from the KV
    cache and the batch once enough of them accumulate, so they stop costing compute;
 4. with a row cap (``max_rows``, ``rollout.max_batch_rows``) at most that many rows are in flight: prompts wait
@@ -39,7 +39,7 @@ from megatron_papo.rollout.graph_decode import FixedShapeDecoder
 from megatron_papo.rollout.lean_decode import LeanDecodeStep
 from megatron_papo.rollout.pipeline import Stages, eval_mode
 from megatron_papo.rollout.sampling import SamplingParams, sample
-from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
+from megatron_papo.rollout.scheduler import ContinuousDecoder, Outputs, concat_outputs
 
 _EOS, _STOP, _LENGTH = 1, 2, 3
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
@@ -70,15 +70,14 @@ class MegatronEngine:
     cuda_graphs: with fixed_shape, whether to capture (False: the same fixed-shape steps, eager);
     lean_decode: decode steps on the shared-prompt cache computed directly from the layers' weights
     (``rollout.lean_decode``: same logits, less per-module overhead) where the model allows it (local spec,
-    TP = 1, PP = 1, no sequence parallelism); off by default: inside the trainer its logits are not yet equal to
-    megatron's forward to the last bit (the TP1 = TP2 rollout tests fail with it on); False, or any other model:
-    megatron's forward.
+    TP = 1, PP = 1, no sequence parallelism, no module hooks it would bypass; the VLM's own forward hooks, such
+    as the trainer's banned vision tokens, act on its logits too); False, or any other model: megatron's forward.
     """
 
     def __init__(self, model, *, max_seq_len: int, eos_ids: Sequence[int] | None = None, tokenizer=None,
                  pad_id: int | None = None, banned_ids: Sequence[int] | None = None, prefill_batch_size: int = 8,
                  compact_fraction: float = 0.25, packed_weights: bool = True, max_rows: int = 0,
-                 fixed_shape: bool = False, cuda_graphs: bool = True, lean_decode: bool = False):
+                 fixed_shape: bool = False, cuda_graphs: bool = True, lean_decode: bool = True):
         if eos_ids is None:
             if tokenizer is None:
                 raise ValueError("MegatronEngine needs eos_ids or a tokenizer (to read its eos_id)")
@@ -221,34 +220,27 @@ class MegatronEngine:
         return decoder.decode(params, seed, row_offset)
 
     def _decode_static(self, logits, batch: _Batch, ctx, params, seed, row_offset=0):
-        """The static batch on megatron's cache (``_StaticDecoder``): one global step t, finished rows compacted."""
+        """The static batch on megatron's cache (``_StaticDecoder``): one global step t, finished rows compacted;
+        tokens and finish codes recorded as the shared cache's loops record them (``scheduler.Outputs``)."""
         N, L = batch.positions.shape[1], batch.ids.shape[1]
-        T = batch.real.shape[1] - L
-        tokens = torch.full((N, T), self.pad_id, dtype=torch.long)
-        logprobs = torch.zeros(N, T)
-        reason = torch.zeros(N, dtype=torch.long)  # 0 = running
-        lengths = torch.zeros(N, dtype=torch.long)
+        out = Outputs(N, batch.real.shape[1] - L, self.pad_id)
         rows = torch.arange(N)  # cache row r holds sample row rows[r]
+        alive = torch.ones(N, dtype=torch.bool)
         positions, real = batch.positions, batch.real
-        for t in range(T):
-            tok, lp = self._pick(logits, rows + row_offset, t, params, seed)
-            tokens[rows, t], logprobs[rows, t] = tok, lp
-            running = reason[rows] == 0
-            code = self._finish(tok, rows, torch.full_like(rows, t), tokens, batch.limits, params)
-            reason[rows] = torch.where(running, code, reason[rows])
-            active = running & (reason[rows] == 0)  # rows still generating after this token
-            lengths[rows[running & ~active]] = t + 1
-            if not bool(active.any()):
+        for t in range(out.tokens.shape[1]):
+            tok = out.take(self, logits, rows, torch.full_like(rows, t), alive, batch.limits, params, seed,
+                           row_offset)
+            if not bool(alive.any()):
                 break
-            if int((~active).sum()) >= max(1, int(self.compact_fraction * len(rows))):
-                keep = active.nonzero().squeeze(-1)
+            if int((~alive).sum()) >= max(1, int(self.compact_fraction * len(rows))):
+                keep = alive.nonzero().squeeze(-1)
                 _expand_cache(ctx, keep)
-                rows, positions, real, tok = rows[keep], positions[:, keep], real[keep], tok[keep]
+                rows, alive, positions, real, tok = rows[keep], alive[keep], positions[:, keep], real[keep], tok[keep]
             S = L + t + 1
             mask = ~real[:, None, None, :S] if batch.padded else None  # [b, 1, 1, S]
             logits = self.stages.forward(tok[:, None], positions[:, :, :S], mask, ctx, prefill=False)
             ctx.sequence_len_offset += 1
-        return tokens, logprobs, lengths, reason
+        return out.result()
 
     def _pick(self, logits, rows, steps, params, seed):
         """Sample on the last stage, hand (token, log-prob) to every stage: ([b] int64, [b] float32); ``steps``:

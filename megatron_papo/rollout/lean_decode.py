@@ -18,6 +18,11 @@ use it is decided once, when the engine is built (``LeanDecodeStep.supports``); 
 megatron's forward. DeepStack layers (Qwen3-VL) add nothing on a decode step (no image features), so they are
 plain layers here.
 
+Module hooks: the step calls the submodules' ``forward`` directly, so their hooks do not fire; a model whose
+language model carries forward hooks (or the VLM forward pre-hooks) when the engine is built keeps megatron's
+forward. The VLM's own forward hooks do act on the logits (the trainer's ban of the vision special tokens,
+``training.banned_tokens``, is one): the step runs them on its logits as the VLM's forward would.
+
 Legend: b rows, h hidden, np query heads, ng query groups, rep = np / ng, hn head dim, Vs vocabulary (TP = 1).
 """
 
@@ -52,6 +57,10 @@ def _layer_supported(layer) -> bool:
             and getattr(cfg, "activation_func_clamp_value", None) is None
             and not getattr(cfg, "glu_linear_offset", 0.0)
             and not getattr(cfg, "attention_output_gate", False))
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class LeanDecodeStep:
@@ -92,7 +101,18 @@ class LeanDecodeStep:
         h = lm.decoder.final_layernorm.forward(h)
         weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
         logits = lm.output_layer.forward(h, weight=weight)[0][0]  # [b, Vs]
-        return logits if self.pad is None else logits.masked_fill(self.pad, float("-inf"))
+        logits = logits if self.pad is None else logits.masked_fill(self.pad, float("-inf"))
+        return self._vlm_hooks(logits, ids, position_ids, ctx) if self.vlm._forward_hooks else logits
+
+    def _vlm_hooks(self, logits, ids, position_ids, ctx) -> torch.Tensor:
+        """The VLM's forward hooks on the logits, called as the VLM's forward in ``Stages.forward`` calls them
+        (output [b, 1, Vs]): without them the trainer's banned vision tokens would keep their probability here."""
+        vlm, out, args = self.vlm, logits[:, None], (ids, position_ids, None)
+        for key, hook in list(vlm._forward_hooks.items()):
+            kwargs = (dict(inference_context=ctx),) if key in vlm._forward_hooks_with_kwargs else ()
+            res = hook(vlm, args, *kwargs, out)
+            out = out if res is None else res
+        return out[:, 0]
 
     def _attention(self, layer, h: torch.Tensor, cos, sin, ctx) -> torch.Tensor:
         """h + attention(norm(h)), the new key / value written to the cache: [1, b, h]."""

@@ -152,7 +152,8 @@ def build_run(cfg: Config) -> Run:
     ddp = wrap_ddp(policy, cfg.optimizer)
     optimizer, scheduler = build_optimizer(cfg.optimizer, [ddp], optimizer_steps(cfg), _DTYPES[cfg.model.params_dtype])
     engine = MegatronEngine(policy, max_seq_len=cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
-                            tokenizer=tokenizer, max_rows=cfg.rollout.max_batch_rows)
+                            tokenizer=tokenizer, max_rows=cfg.rollout.max_batch_rows,
+                            lean_decode=cfg.rollout.lean_decode)
     ctx = RLContext(greedy_as_top1(cfg), ddp, reference, optimizer, scheduler, engine, tokenizer, processor)
     logger = RunLogger(cfg.logging.tensorboard_dir, cfg.logging.log_interval, cfg.logging.progress)
     return Run(ctx, reader, logger)
