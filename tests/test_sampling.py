@@ -200,3 +200,19 @@ def test_block_search_finds_the_full_cumsum_index():
             want = torch.searchsorted(e.double().cumsum(-1), t[:, None].contiguous(), right=True).squeeze(-1)
             assert torch.equal(got, want), (width, scale)
             assert torch.isfinite(x.gather(-1, got[:, None])).all()
+
+
+def test_shifted_exp_equals_float64_exp():
+    """The sampler's exp (as exp2 of the scaled difference): against float64 exp, on near-maximum, far and
+    underflowing logits and -inf masks; -inf gives exactly 0, the maximum exactly 1."""
+    from megatron_papo.rollout import sampling as S
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.randn(8, 200, generator=g) * 3, -torch.rand(8, 100, generator=g) * 150,
+                   torch.full((8, 10), float("-inf"))], 1)
+    m, m_safe = S._local_max(x)
+    got, want = S._shifted_exp(x, m_safe).double(), (x.double() - m[:, None]).exp()
+    near = (x.double() - m[:, None]) > -10
+    assert float(((got - want).abs() / want)[near].max()) < 1e-6
+    assert float((got - want).abs().max()) < 1e-6 and bool((got[:, -10:] == 0).all())
+    assert bool((got.amax(-1) == 1).all())

@@ -30,6 +30,7 @@ _NEG_INF = float("-inf")
 _CANDIDATES_START = 32
 _CANDIDATES_MAX = 256
 _BISECTION_MAX_STEPS = 200
+_LOG2E = 1.4426950408889634  # log2(e)
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,13 @@ def _local_max(x: torch.Tensor):
 def _shifted_exp(x: torch.Tensor, m_safe: torch.Tensor) -> torch.Tensor:
     """``exp(x - max)`` ``[N, Vs]`` in float32, the logits' own precision (values in [0, 1]). Callers sum it
     in float32 within blocks of 128 and in float64 across blocks (``_mass``, ``_search``), so no token's mass is
-    lost to accumulation over a large vocabulary; float64 over all of ``[N, Vs]`` dominated sampling at decode."""
-    return (x - m_safe.to(x.dtype)[:, None]).exp_()  # in place on the fresh difference: one [N, Vs] buffer less
+    lost to accumulation over a large vocabulary; float64 over all of ``[N, Vs]`` dominated sampling at decode.
+
+    Computed as ``exp2((x - max) * log2(e))``: torch's CPU ``exp`` takes a slow path wherever its result
+    underflows (the -inf of banned tokens and top-k / top-p masks: ~3x; logits more than ~87 below the row's
+    maximum: 10-30x), ``exp2`` does not and is ~3x faster on ordinary values too. The multiply's rounding
+    changes a token's mass by < 5e-7 relative within e^-10 of the maximum (the sums and the draws by less)."""
+    return (x - m_safe.to(x.dtype)[:, None]).mul_(_LOG2E).exp2_()  # in place: one [N, Vs] buffer
 
 
 _BLOCK = 128
