@@ -14,8 +14,8 @@ from megatron_papo.convert.mapping import Entry
 L0 = "language_model.decoder.layers.0"
 QWEN25_PINNED = [  # preset "tiny": 4 heads, 2 KV groups, head dim 16; vision 2 heads of 16
     Entry("vision.layers.1.self_attention.linear_qkv.bias", ("visual.blocks.1.attn.qkv.bias",), "qkv", 0, (2, 2, 16)),
-    Entry("vision.layers.0.mlp.linear_fc1.bias", ("visual.blocks.0.mlp.gate_proj.bias", "visual.blocks.0.mlp.up_proj.bias"),
-          "glu", 0),
+    Entry("vision.layers.0.mlp.linear_fc1.bias",
+          ("visual.blocks.0.mlp.gate_proj.bias", "visual.blocks.0.mlp.up_proj.bias"), "glu", 0),
     Entry("vision.merger.linear_fc2.weight", ("visual.merger.mlp.2.weight",), tp_axis=1),
     Entry("language_model.embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", 0),
     Entry(f"{L0}.input_layernorm.weight", ("model.layers.0.input_layernorm.weight",)),
