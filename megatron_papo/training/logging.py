@@ -55,6 +55,15 @@ class RunLogger:
         if self.active:
             print(msg, flush=True)
 
+    def note(self, msg: str, step: int = 0) -> None:
+        """A warning worth keeping with the run: one console line and a tensorboard text entry (``warnings``)."""
+        if not self.active:
+            return
+        print(f"WARNING: {msg}", flush=True)
+        if self.writer is not None:
+            self.writer.add_text("warnings", msg, step)
+            self.writer.flush()
+
     def log_step(self, step: int, total: int, metrics: dict) -> None:
         """Scalars to tensorboard, the collapse check, and a console line every ``log_interval`` steps."""
         if not self.active:

@@ -190,7 +190,7 @@ def save(run: Run, step: int) -> str:
                                reader_state=run.reader.state_dict(), config=to_dict(cfg),
                                keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
                                describe=lambda d: describe_checkpoint(d, cfg, ctx.policy),
-                               progress={"warmup_sft_done": run.warmup_done})
+                               progress={"warmup_sft_done": run.warmup_done}, checksums=cfg.checkpoint.checksums)
     run.dirty = False
     return str(path)
 
