@@ -5,6 +5,7 @@ megatron GPTModel of tests/test_checkpoint.py saved and loaded through the real 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -100,7 +101,7 @@ def _body(rank, world, root):
     return out
 
 
-def test_damaged_checkpoints_fall_back_on_every_rank(tmp_path):
+def test_damaged_checkpoints_fall_back_on_every_rank(tmp_path, capsys):
     outs = run_multirank(_body, 2, args=(str(tmp_path),), tp=1, timeout=300)
     for out in outs:
         assert out["sizes_ok"] == [None, None]           # same size: the size check alone cannot see it
@@ -119,3 +120,19 @@ def test_damaged_checkpoints_fall_back_on_every_rank(tmp_path):
         assert out["kept"] == ["step_1", "step_2", "step_3"]          # nothing deleted or moved
     if outs[0]["without_crc"][2] != outs[1]["without_crc"][2]:
         pytest.fail("ranks named different errors")
+    _check_tool(tmp_path / "ck", capsys)
+
+
+def _check_tool(ckpt_dir, capsys):
+    """tools/verify_checkpoint.py on the same directory: the damaged two named, exit status 1."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "verify_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("verify_checkpoint", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    capsys.readouterr()
+    assert tool.main([str(ckpt_dir)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("step_1: ok") and "__0_" in lines[1] and "fails its checksum" in lines[1]
+    assert ".metadata fails its checksum" in lines[2] and lines[-1] == "1 ok, 2 damaged"
+    assert tool.main([str(ckpt_dir), "--sizes-only"]) == 0
+    assert tool.main([str(ckpt_dir / "step_1")]) == 0
