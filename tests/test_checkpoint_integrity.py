@@ -1,7 +1,9 @@
 """Checkpoints damaged in place (same size): the CRC32 in complete.json catches them before the load, ``resume=auto``
 falls back to the next older checkpoint and says so, a load that fails on one rank only is agreed on by every rank
 (no deadlock), an explicit ``checkpoint.resume=<dir>`` that fails is an error. Two gloo ranks (DP=2), the tiny
-megatron GPTModel of tests/test_checkpoint.py saved and loaded through the real dist checkpointing."""
+megatron GPTModel of tests/test_checkpoint.py saved and loaded through the real dist checkpointing; then the
+trainer end to end (tiny VLM, one rank): resume=auto passes over a damaged newest checkpoint and says so, and the
+run validates its last step."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from test_checkpoint import _build, _train_step
 def _damage(path: Path, how: str) -> None:
     """Same size, different bytes: one flipped bit in the middle, or a zeroed 256-byte block."""
     data = bytearray(path.read_bytes())
-    n = len(data)
+    before, n = bytes(data), len(data)
     if how == "flip":
         data[n // 2] ^= 0x10
     else:
         data[n // 3:n // 3 + 256] = bytes(len(data[n // 3:n // 3 + 256]))
+    assert bytes(data) != before, f"{path}: those bytes were zero already"
     path.write_bytes(bytes(data))
 
 
@@ -136,3 +139,45 @@ def _check_tool(ckpt_dir, capsys):
     assert ".metadata fails its checksum" in lines[2] and lines[-1] == "1 ok, 2 damaged"
     assert tool.main([str(ckpt_dir), "--sizes-only"]) == 0
     assert tool.main([str(ckpt_dir / "step_1")]) == 0
+
+
+def _train_body(rank, world, root):
+    """The trainer end to end: 2 steps with a checkpoint each, the newest damaged in place, then resume=auto."""
+    import contextlib
+    import glob
+    import io
+
+    from megatron_papo.config import load_config
+    from megatron_papo.training.entry import default_config_tree
+    from megatron_papo.training.trainer import run_training
+
+    def cfg(steps):
+        return load_config(None, [
+            f"data.train_shards={root}/data", "data.synthetic_samples=24", "data.shuffle_buffer=0", "rollout.n=2",
+            "rollout.max_new_tokens=4", "training.prompts_per_step=2", "training.prompts_per_update=1",
+            "training.micro_batch_size=4", "training.warmup_sft_steps=0", f"training.rl_steps={steps}",
+            "checkpoint.save_interval=1", "checkpoint.keep_last=0", "checkpoint.resume=auto", f"checkpoint.dir={root}/ck", f"logging.tensorboard_dir={root}/tb",
+            "logging.progress=false", f"data.val_shards={root}/data", "training.eval_interval=2",
+            "training.eval_limit=3", "training.eval_k=2"], base=default_config_tree())
+    run_training(cfg(2))
+    _damage(sorted(Path(root, "ck", "step_2").glob("*.distcp"))[0], "flip")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run_training(cfg(3))
+    events = b"".join(Path(f).read_bytes() for f in glob.glob(f"{root}/tb/**/events.out.tfevents.*", recursive=True))
+    return {"lines": out.getvalue().splitlines(), "steps": sorted(p.name for p in Path(root, "ck").glob("step_*")),
+            "abandoned": sorted(p.name for p in Path(root, "ck").glob("abandoned/*/step_*")),
+            "tb_note": b"fails its checksum" in events}
+
+
+def test_trainer_resumes_from_the_older_checkpoint_and_validates_its_last_step(tmp_path):
+    (res,) = run_multirank(_train_body, 1, args=(str(tmp_path),), timeout=300)
+    lines = res["lines"]
+    warned = [ln for ln in lines if ln.startswith("WARNING: checkpoint.resume=auto: passing over")]
+    assert len(warned) == 1, "\n".join(lines[:12])
+    assert "step_2" in warned[0] and ".distcp fails its checksum" in warned[0]
+    assert any(ln.startswith("resumed from") and ln.split()[2].endswith("step_1") for ln in lines)
+    assert res["tb_note"]
+    assert res["abandoned"] == ["step_2"] and res["steps"] == ["step_1", "step_2", "step_3"]   # kept, not deleted
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("validation step")] == ["validation step 2",
+                                                                                     "validation step 3"]
