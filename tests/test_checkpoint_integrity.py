@@ -156,7 +156,8 @@ def _train_body(rank, world, root):
             f"data.train_shards={root}/data", "data.synthetic_samples=24", "data.shuffle_buffer=0", "rollout.n=2",
             "rollout.max_new_tokens=4", "training.prompts_per_step=2", "training.prompts_per_update=1",
             "training.micro_batch_size=4", "training.warmup_sft_steps=0", f"training.rl_steps={steps}",
-            "checkpoint.save_interval=1", "checkpoint.keep_last=0", "checkpoint.resume=auto", f"checkpoint.dir={root}/ck", f"logging.tensorboard_dir={root}/tb",
+            "checkpoint.save_interval=1", "checkpoint.keep_last=0", "checkpoint.resume=auto",
+            f"checkpoint.dir={root}/ck", f"logging.tensorboard_dir={root}/tb",
             "logging.progress=false", f"data.val_shards={root}/data", "training.eval_interval=2",
             "training.eval_limit=3", "training.eval_k=2"], base=default_config_tree())
     run_training(cfg(2))

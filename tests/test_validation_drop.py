@@ -1,6 +1,7 @@
 """A break shows as a significant drop between two validations, and the run validates its final policy so that a
 break in the last update is seen. Numbers: the CPU experiment's seed 10, 200 held-out questions at k=4 (per
-question correct counts of the warm start and of each arm's final checkpoint, tests/data/experiment_step_traces.json)."""
+question correct counts of the warm start and of each arm's final checkpoint,
+tests/data/experiment_step_traces.json)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ directory and the bytes needed; the previous checkpoints are untouched. Signals:
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
