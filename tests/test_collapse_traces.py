@@ -75,3 +75,15 @@ def test_drift_needs_both_signs():
     det = CollapseDetector()
     det.update(base)
     assert "within this step" in det.update({"ref_kl": 0.19, "ppo_kl": 0.031})
+
+
+def test_a_later_sign_is_printed_even_after_an_earlier_one(capsys):
+    from megatron_papo.training.logging import RunLogger
+
+    logger = RunLogger(None, progress=False)
+    steps = [{"perception_kl": 0.6, "ref_kl": 0.1, "ppo_kl": 0.001}] * 3 + [{"perception_kl": 0.6, "ref_kl": 0.25,
+                                                                            "ppo_kl": 0.05}]
+    for step, m in enumerate(steps, 1):
+        logger.log_step(step, len(steps), {f"actor/{k}": v for k, v in m.items()})
+    err = capsys.readouterr().err
+    assert err.count("perception KL 0.600 > 0.5") == 1 and err.count("within this step") == 1

@@ -93,6 +93,7 @@ class CollapseDetector:
         self.history: deque[dict[str, float]] = deque(maxlen=2 * window)
         self.quiet: dict[str, int] = {}                 # sign -> steps since it was last present (absent: armed)
         self.warnings = 0
+        self.new_signs: list[str] = []                  # the signs that started an episode at the last update
 
     def update(self, metrics: dict[str, float], step: Optional[int] = None) -> Optional[str]:
         """Record one step; return (and log) a warning when a sign starts an episode, else None."""
@@ -101,6 +102,7 @@ class CollapseDetector:
         found = [(name, msg) for name, msg in ((n, rule()) for n, rule in self._rules()) if msg is not None]
         present = {name for name, _ in found}
         new = [msg for name, msg in found if name not in self.quiet]
+        self.new_signs = [name for name, _ in found if name not in self.quiet]
         for name in list(self.quiet):
             self.quiet[name] = 0 if name in present else self.quiet[name] + 1
             if self.quiet[name] >= self.window:

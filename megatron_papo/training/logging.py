@@ -50,6 +50,7 @@ class RunLogger:
             self.run_dir = run_directory(tensorboard_dir)
             self.writer = SummaryWriter(self.run_dir)
         self.collapse = CollapseDetector()
+        self.printed_signs: set[str] = set()
 
     def info(self, msg: str) -> None:
         if self.active:
@@ -74,8 +75,11 @@ class RunLogger:
             self.writer.flush()
         plain = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith("actor/")}
         warning = self.collapse.update(plain, step)
-        if warning and self.collapse.warnings == 1:
-            print(f"WARNING: {warning} (printed once; the signals stay in tensorboard)", file=sys.stderr, flush=True)
+        if warning and not set(self.collapse.new_signs) <= self.printed_signs:   # each sign printed once per run
+            self.printed_signs.update(self.collapse.new_signs)
+            print(f"WARNING: {warning} (each sign is printed once; the signals stay in tensorboard)", file=sys.stderr, flush=True)
+        if warning and self.writer is not None:
+            self.writer.add_text("warnings", warning, step)
         if step % self.log_interval == 0 or step == total:
             parts = [f"{short} {float(metrics[k]):.4g}" for k, short in _CONSOLE if k in metrics]
             print(f"step {step}/{total} | " + " | ".join(parts), flush=True)
