@@ -182,3 +182,20 @@ def test_trainer_resumes_from_the_older_checkpoint_and_validates_its_last_step(t
     assert res["abandoned"] == ["step_2"] and res["steps"] == ["step_1", "step_2", "step_3"]   # kept, not deleted
     assert [ln.split(":")[0] for ln in lines if ln.startswith("validation step")] == ["validation step 2",
                                                                                      "validation step 3"]
+
+
+def test_manifest_without_checksums_is_checked_by_size(tmp_path):
+    """complete.json of older runs has sizes only: still usable; with checksums a same-size change is named."""
+    from megatron_papo.training.checkpoint_manifest import MANIFEST, verify_checkpoint, write_manifest
+
+    for name in ("metadata.json", "common.pt", ".metadata", "__0_0.distcp"):
+        (tmp_path / name).write_bytes(name.encode() * 10)
+    write_manifest(tmp_path)                                        # sizes only, as before checksums
+    assert "crc32" not in (tmp_path / MANIFEST).read_text()
+    _damage(tmp_path / "__0_0.distcp", "flip")
+    assert verify_checkpoint(tmp_path, checksums=True) is None
+    write_manifest(tmp_path, checksums={})                          # every file checksummed here
+    assert verify_checkpoint(tmp_path, checksums=True) is None
+    _damage(tmp_path / "common.pt", "flip")
+    assert verify_checkpoint(tmp_path) is None                      # same size
+    assert "common.pt fails its checksum" in verify_checkpoint(tmp_path, checksums=True)

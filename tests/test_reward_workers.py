@@ -48,7 +48,7 @@ def test_spawned_workers_run_the_registered_reward_and_keep_the_budget(monkeypat
     monkeypatch.setattr(sys.modules[__name__], "MARK", "changed-in-trainer")
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     fn = get_reward("test_worker_reward")
-    pool = RewardPool(num_workers=2, timeout_s=1.5)
+    pool = RewardPool(num_workers=1, timeout_s=1.5)
     try:
         with caplog.at_level(logging.WARNING, logger="megatron_papo.rewards.budget"):
             scores, timed_out = pool.score([(fn, "4", "4"), (fn, "hang", "4"), (fn, "5", "4"),
