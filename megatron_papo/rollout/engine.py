@@ -38,6 +38,7 @@ from megatron_papo.rollout.fast_decode import packed_linears
 from megatron_papo.rollout.graph_decode import FixedShapeDecoder
 from megatron_papo.rollout.lean_decode import LeanDecodeStep
 from megatron_papo.rollout.pipeline import Stages, eval_mode
+from megatron_papo.rollout.prefill import LastPositionLayer, last_layer_at_last_position
 from megatron_papo.rollout.sampling import SamplingParams, sample
 from megatron_papo.rollout.scheduler import ContinuousDecoder, concat_outputs
 
@@ -112,6 +113,9 @@ class MegatronEngine:
         self.lean_decode = lean_decode and self.shared_cache and LeanDecodeStep.supports(self.stages)
         self._lean = LeanDecodeStep(self.stages.model) if self.lean_decode else None
         self.decode_forward = self._lean_step if self.lean_decode else self._megatron_step
+        # the prefill's last layer on each prompt's last position only (rollout.prefill), chosen by capability
+        self.prefill_last_position = (self.shared_cache and self.stages.last and bool(len(layers))
+                                      and LastPositionLayer.supports(layers[-1]))
         self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
@@ -199,9 +203,10 @@ class MegatronEngine:
                 mask = ~(real[:, None, None, :] | torch.eye(L, dtype=torch.bool)[None, None])  # [c, 1, L, L]
             ctx.sequence_len_offset, ctx.batch_size_offset = 0, start
             ctx.enable_prefill_mode()
-            chunks.append(self.stages.forward(
-                batch.ids[rows], batch.positions[:, start * n:rows.stop * n:n, :L], mask, ctx, prefill=True,
-                pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grid) if grid else None))
+            with last_layer_at_last_position(self.stages.model.language_model.decoder, self.prefill_last_position):
+                chunks.append(self.stages.forward(
+                    batch.ids[rows], batch.positions[:, start * n:rows.stop * n:n, :L], mask, ctx, prefill=True,
+                    pixel_values=torch.cat(pv) if pv else None, image_grid_thw=torch.cat(grid) if grid else None))
         ctx.sequence_len_offset, ctx.batch_size_offset = L, 0
         ctx.enable_decode_mode()
         return torch.cat(chunks) if self.stages.last else None
