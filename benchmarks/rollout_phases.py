@@ -6,7 +6,8 @@
 - the engine: its ``_prefill`` (every admission of prompts, chunks of ``prefill_batch_size``) is timed; the rest
   of ``generate`` is the decode phase.
 
-Wall-clock seconds of each phase inside the same timed runs as the table (so they add up to its figures).
+Wall-clock and process CPU seconds of each phase, inside the same timed runs as the table (so they add up to
+its figures; on a shared machine the CPU seconds are the steadier ones).
 ``prefill_gflop``: the matmul FLOPs of the plain prefill of P prompts x L tokens (every layer on every position:
 qkv, projection, MLP; causal attention scores and values; the output layer on the last position only), the same
 numerator for both sides; the engine's last layer runs on the last position only (``rollout/prefill.py``), so it
@@ -33,18 +34,23 @@ def prefill_gflop(cfg, prompts: int, prompt_len: int) -> float:
     return (linear + attention + logits) / 1e9
 
 
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
 @contextmanager
 def hf_prefill(model, seconds: list):
-    """Appends to ``seconds`` the duration of the first forward of ``model`` inside the block (one ``generate``)."""
+    """Appends to ``seconds`` the (wall, CPU) seconds of the first forward of ``model`` inside the block (one
+    ``generate``)."""
     start = []
 
     def pre(module, args):
         if not start:
-            start.append(time.perf_counter())
+            start.append(_now())
 
     def post(module, args, out):
         if len(start) == 1:
-            start.append(time.perf_counter())
+            start.append(_now())
 
     handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
     try:
@@ -52,24 +58,25 @@ def hf_prefill(model, seconds: list):
     finally:
         for handle in handles:
             handle.remove()
-    seconds.append(start[1] - start[0])
+    seconds.append(tuple(b - a for a, b in zip(*start)))
 
 
 @contextmanager
 def engine_prefill(engine, seconds: list):
-    """Appends to ``seconds`` the time the engine spent in ``_prefill`` inside the block (one ``generate``)."""
-    prefill, spent = engine._prefill, [0.0]
+    """Appends to ``seconds`` the (wall, CPU) seconds the engine spent in ``_prefill`` inside the block (one
+    ``generate``)."""
+    prefill, spent = engine._prefill, [0.0, 0.0]
 
     def timed(*args, **kwargs):
-        start = time.perf_counter()
+        start = _now()
         try:
             return prefill(*args, **kwargs)
         finally:
-            spent[0] += time.perf_counter() - start
+            spent[:] = [s + b - a for s, a, b in zip(spent, start, _now())]
 
     engine._prefill = timed
     try:
         yield
     finally:
         del engine._prefill
-    seconds.append(spent[0])
+    seconds.append(tuple(spent))

@@ -181,11 +181,14 @@ def _measure(hf, engine, args, name, lengths=None):
         cpu.append((c1 - c0, time.process_time() - c1))
     tokens = int(lengths.sum()) if lengths is not None else args.prompts * args.n * args.new_tokens
     med = lambda xs: statistics.median(xs)  # noqa: E731
+    phases = {}  # (side, clock) -> (prefill, decode) medians, clock 0 wall, 1 CPU
+    for i in (0, 1):
+        for clock, totals in enumerate((runs, cpu)):
+            pre = [p[clock] for p in prefill[i]]
+            phases[i, clock] = (med(pre), med(t[i] - p for t, p in zip(totals, pre)))
     return dict(name=name, args=args, runs=runs, tokens=tokens, lengths=lengths,
                 medians=[med(r[i] for r in runs) for i in (0, 1)],
-                cpu=[med(r[i] for r in cpu) for i in (0, 1)],
-                prefill=[med(prefill[i]) for i in (0, 1)],
-                decode=[med(r[i] - p for r, p in zip(runs, prefill[i])) for i in (0, 1)])
+                cpu=[med(r[i] for r in cpu) for i in (0, 1)], phases=phases)
 
 
 def _tail_waste(engine, ids, args, lengths) -> tuple[float, float]:
@@ -245,29 +248,30 @@ def _print_table(entries, args):
 
 
 def _print_phases(entries, hf):
-    """Prefill and decode seconds of each side (medians over the timed runs), prefill GFLOP/s, decode ms/step;
-    for n = 1, what the engine's decode would need for 2x."""
+    """Prefill and decode seconds of each side (medians over the timed runs, wall and CPU), prefill GFLOP/s and
+    decode ms per step (CPU); for n = 1, the decode step the engine would need for 2x."""
     from rollout_phases import prefill_gflop
 
     text = hf.config.text_config
-    print(f"phases (wall s, medians): prefill = transformers' first forward / the engine's _prefill; decode = the "
-          f"rest; GFLOP/s = the plain prefill's FLOPs / prefill s")
-    print(f"  {'workload':<22}{'backend':<23}{'prefill s':>10}{'share':>7}{'GFLOP':>7}{'GFLOP/s':>9}"
-          f"{'decode s':>10}{'ms/step':>9}")
+    print("phases (medians): prefill = transformers' first forward / the engine's _prefill (weight packing "
+          "included); decode = the rest; GFLOP/s = the plain prefill's FLOPs / prefill CPU s")
+    print(f"  {'workload':<12}{'backend':<23}{'prefill s':>10}{'cpu s':>7}{'cpu share':>10}{'GFLOP':>7}"
+          f"{'GFLOP/s':>9}{'decode s':>10}{'cpu s':>7}{'cpu ms/step':>12}")
     for e in entries:
         a = e["args"]
         steps = (int(e["lengths"].max()) if e["lengths"] is not None else a.new_tokens) - 1
         rows = (a.prompts * a.n, a.prompts)  # transformers prefills every sample row, the engine each prompt
         for i, backend in enumerate(("transformers generate", "megatron_papo engine")):
             flop = prefill_gflop(text, rows[i], a.prompt_len)
-            pre, dec = e["prefill"][i], e["decode"][i]
-            print(f"  {e['name'] if i == 0 else '':<22}{backend:<23}{pre:>10.2f}{pre / e['medians'][i]:>7.0%}"
-                  f"{flop:>7.0f}{flop / pre:>9.1f}{dec:>10.2f}{1e3 * dec / steps:>9.1f}")
+            (pre, dec), (pre_cpu, dec_cpu) = e["phases"][i, 0], e["phases"][i, 1]
+            print(f"  {e['name'] if i == 0 else '':<12}{backend:<23}{pre:>10.2f}{pre_cpu:>7.2f}"
+                  f"{pre_cpu / e['cpu'][i]:>10.0%}{flop:>7.0f}{flop / pre_cpu:>9.1f}{dec:>10.2f}{dec_cpu:>7.2f}"
+                  f"{1e3 * dec_cpu / steps:>12.1f}")
         if a.n == 1:
-            budget = e["medians"][0] / 2 - e["prefill"][1]
-            print(f"  n=1 at 2.0x: the engine's whole call in {e['medians'][0] / 2:.2f} s; after its prefill "
-                  f"({e['prefill'][1]:.2f} s) decode gets {budget:.2f} s = {1e3 * budget / steps:.1f} ms/step "
-                  f"(now {1e3 * e['decode'][1] / steps:.1f})")
+            target, pre_cpu, dec_cpu = e["cpu"][0] / 2, e["phases"][1, 1][0], e["phases"][1, 1][1]
+            print(f"  n=1 at 2.0x (CPU): the engine's call in {target:.2f} s; after its prefill ({pre_cpu:.2f} s) "
+                  f"decode gets {target - pre_cpu:.2f} s = {1e3 * (target - pre_cpu) / steps:.1f} ms/step "
+                  f"(now {1e3 * dec_cpu / steps:.1f})")
 
 
 def main() -> None:
