@@ -20,7 +20,9 @@ Model: a Qwen2.5-VL with a ~55M-parameter language model (hidden 512, 8 layers, 
 random weights, saved by transformers and loaded into the megatron model with megatron_papo.convert.
 Both sides run with the same ``torch.set_num_threads(--threads)`` (default 1: on a shared 2-core machine a
 2-thread parallel region waits for whichever thread was preempted, which swamps the small decode matmuls of
-either side). Prints a table; the last line is ``ratio=<engine tokens/s / transformers tokens/s>`` of the first
+either side). Prints a table, then each side's prefill / decode split (``rollout_phases.py``: seconds, prefill
+GFLOP/s, decode ms per step; for n = 1 the decode step 2x would need); the last line is
+``ratio=<engine tokens/s / transformers tokens/s>`` of the first
 workload (the medians).
 """
 
@@ -164,19 +166,29 @@ def _run_hf_tail(model, ids, args, lengths) -> float:
 
 
 def _measure(hf, engine, args, name, lengths=None):
-    """Interleaved timed runs (HF, engine, HF, ...); returns one table entry."""
+    """Interleaved timed runs (HF, engine, HF, ...), each split into prefill and decode; one table entry."""
+    from rollout_phases import engine_prefill, hf_prefill
+
     ids = _prompts(args)
-    runs, cpu = [], []
+    runs, cpu, prefill = [], [], ([], [])
     for _ in range(args.repeats):
         c0 = time.process_time()
-        t_hf = _run_hf(hf, ids, args) if lengths is None else _run_hf_tail(hf, ids, args, lengths)
+        with hf_prefill(hf, prefill[0]):
+            t_hf = _run_hf(hf, ids, args) if lengths is None else _run_hf_tail(hf, ids, args, lengths)
         c1 = time.process_time()
-        runs.append((t_hf, _run_engine(engine, ids, args, lengths)))
+        with engine_prefill(engine, prefill[1]):
+            runs.append((t_hf, _run_engine(engine, ids, args, lengths)))
         cpu.append((c1 - c0, time.process_time() - c1))
     tokens = int(lengths.sum()) if lengths is not None else args.prompts * args.n * args.new_tokens
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    phases = {}  # (side, clock) -> (prefill, decode) medians, clock 0 wall, 1 CPU
+    for i in (0, 1):
+        for clock, totals in enumerate((runs, cpu)):
+            pre = [p[clock] for p in prefill[i]]
+            phases[i, clock] = (med(pre), med(t[i] - p for t, p in zip(totals, pre)))
     return dict(name=name, args=args, runs=runs, tokens=tokens, lengths=lengths,
-                medians=[statistics.median(r[i] for r in runs) for i in (0, 1)],
-                cpu=[statistics.median(r[i] for r in cpu) for i in (0, 1)])
+                medians=[med(r[i] for r in runs) for i in (0, 1)],
+                cpu=[med(r[i] for r in cpu) for i in (0, 1)], phases=phases)
 
 
 def _tail_waste(engine, ids, args, lengths) -> tuple[float, float]:
@@ -233,6 +245,33 @@ def _print_table(entries, args):
             cpu_ratio = f"{e['cpu'][0] / e['cpu'][1]:.2f}x" if i else ""
             print(f"{label if i == 0 else '':<30}{backend:<23}{t:>8.2f}{e['tokens']:>7d}{e['tokens'] / t:>9.1f}"
                   f"{ratio:>7}{e['cpu'][i]:>7.2f}{cpu_ratio:>10}   {each}")
+
+
+def _print_phases(entries, hf):
+    """Prefill and decode seconds of each side (medians over the timed runs, wall and CPU), prefill GFLOP/s and
+    decode ms per step (CPU); for n = 1, the decode step the engine would need for 2x."""
+    from rollout_phases import prefill_gflop
+
+    text = hf.config.text_config
+    print("phases (medians): prefill = transformers' first forward / the engine's _prefill (weight packing "
+          "included); decode = the rest; GFLOP/s = the plain prefill's FLOPs / prefill CPU s")
+    print(f"  {'workload':<12}{'backend':<23}{'prefill s':>10}{'cpu s':>7}{'cpu share':>10}{'GFLOP':>7}"
+          f"{'GFLOP/s':>9}{'decode s':>10}{'cpu s':>7}{'cpu ms/step':>12}")
+    for e in entries:
+        a = e["args"]
+        steps = (int(e["lengths"].max()) if e["lengths"] is not None else a.new_tokens) - 1
+        rows = (a.prompts * a.n, a.prompts)  # transformers prefills every sample row, the engine each prompt
+        for i, backend in enumerate(("transformers generate", "megatron_papo engine")):
+            flop = prefill_gflop(text, rows[i], a.prompt_len)
+            (pre, dec), (pre_cpu, dec_cpu) = e["phases"][i, 0], e["phases"][i, 1]
+            print(f"  {e['name'] if i == 0 else '':<12}{backend:<23}{pre:>10.2f}{pre_cpu:>7.2f}"
+                  f"{pre_cpu / e['cpu'][i]:>10.0%}{flop:>7.0f}{flop / pre_cpu:>9.1f}{dec:>10.2f}{dec_cpu:>7.2f}"
+                  f"{1e3 * dec_cpu / steps:>12.1f}")
+        if a.n == 1:
+            target, pre_cpu, dec_cpu = e["cpu"][0] / 2, e["phases"][1, 1][0], e["phases"][1, 1][1]
+            print(f"  n=1 at 2.0x (CPU): the engine's call in {target:.2f} s; after its prefill ({pre_cpu:.2f} s) "
+                  f"decode gets {target - pre_cpu:.2f} s = {1e3 * (target - pre_cpu) / steps:.1f} ms/step "
+                  f"(now {1e3 * dec_cpu / steps:.1f})")
 
 
 def main() -> None:
@@ -293,6 +332,7 @@ def main() -> None:
               f"{args.tail_new_tokens}: mean {lengths.float().mean():.0f}, max {int(lengths.max())}; finished rows "
               f"computed: static batch {static:.0%}, engine (compaction) {compacted:.0%} of decode rows")
     _print_table(entries, args)
+    _print_phases(entries, hf)
     print(f"ratio={entries[0]['medians'][0] / entries[0]['medians'][1]:.3f}")
 
 

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--perception", action="store_true",
                    help="also answer with the masked and the blank image; image reliance and real-vs-masked KL")
     e.add_argument("--protocol", choices=["papo-eval"], help="the published PAPO evaluation: avg@8, temperature "
-                   "1.0, top-p 1.0, top-k 50, 2048 new tokens, images scaled into 1,024..589,824 pixels")
+                   "1.0, top-p 1.0, top-k 50, 2048 new tokens, images scaled into 1,024..589,824 pixels, then "
+                   "into the range of the model family's published processor")
     e.add_argument("--seed", type=int, help="sampling and mask seed (streams keyed by question index); default 0")
     e.add_argument("--max-new-tokens", type=int, help="longest answer in tokens; default 512")
     e.add_argument("--temperature", type=float, help="sampling temperature; default 1.0")

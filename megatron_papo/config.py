@@ -251,6 +251,8 @@ class CheckpointConfig:
     override_lr_schedule: bool = True
     # on resume, continue the data order where the checkpoint stopped (false: start reading afresh from the seed)
     load_reader_state: bool = True
+    # record each file's CRC32 in complete.json and check it before resuming (one extra read at save and resume)
+    checksums: bool = True
 
 
 @dataclass

@@ -53,3 +53,37 @@ def test_joint_rule_ignores_a_clip_fraction_that_cannot_move():
     fired = [m for m in msgs if m]
     assert "rose together" in fired[0] and "pg_clipfrac" not in fired[0]
     assert len(fired) == 2 and "perception KL" in fired[1]        # then the KL alarm: another sign, once
+
+
+EXPERIMENT = json.loads((Path(__file__).parent / "data" / "experiment_step_traces.json").read_text())
+
+
+def test_a_break_within_the_last_step_is_flagged_and_the_39_healthy_runs_stay_quiet():
+    fired = {name: _warnings({"reward": run["ppo_kl"], **run}) for name, run in EXPERIMENT["runs"].items()}
+    broken = fired.pop(EXPERIMENT["broken"])
+    assert [step for step, _ in broken] == [60] and "within this step" in broken[0][1]
+    assert "0.101 -> 0.234" in broken[0][1] and "moved 0.0489 nats" in broken[0][1]
+    assert len(fired) == 39 and {name: w for name, w in fired.items() if w} == {}
+
+
+def test_drift_needs_both_signs():
+    base = {"ref_kl": 0.10, "ppo_kl": 0.001}
+    for now in ({"ref_kl": 0.25, "ppo_kl": 0.002}, {"ref_kl": 0.11, "ppo_kl": 0.05}, {"ppo_kl": 0.05}):
+        det = CollapseDetector()
+        det.update(base)
+        assert det.update(now) is None, now
+    det = CollapseDetector()
+    det.update(base)
+    assert "within this step" in det.update({"ref_kl": 0.19, "ppo_kl": 0.031})
+
+
+def test_a_later_sign_is_printed_even_after_an_earlier_one(capsys):
+    from megatron_papo.training.logging import RunLogger
+
+    logger = RunLogger(None, progress=False)
+    steps = [{"perception_kl": 0.6, "ref_kl": 0.1, "ppo_kl": 0.001}] * 3 + [{"perception_kl": 0.6, "ref_kl": 0.25,
+                                                                            "ppo_kl": 0.05}]
+    for step, m in enumerate(steps, 1):
+        logger.log_step(step, len(steps), {f"actor/{k}": v for k, v in m.items()})
+    err = capsys.readouterr().err
+    assert err.count("perception KL 0.600 > 0.5") == 1 and err.count("within this step") == 1

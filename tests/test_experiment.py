@@ -214,12 +214,15 @@ def test_summary_statistics_by_hand():
 
 def test_shipped_cpu_experiment_config_loads():
     """The example experiment (not run in CI) resolves: every arm's training config validates."""
-    from megatron_papo.evaluation.experiment import load_spec
+    from megatron_papo.evaluation.experiment import load_spec, run_config
 
     root = Path(__file__).resolve().parents[1]
     spec = load_spec(str(root / "examples" / "experiments" / "papo_vs_grpo_cpu.yaml"))
-    assert spec.arm_names == ["grpo", "papo_g", "control", "vppo"]
+    assert spec.arm_names == ["grpo", "papo_g", "control", "vppo", "dapo", "vppo_grpo"]
     assert (spec.baseline, spec.control) == ("grpo", "control")
+    algo = {arm.name: run_config(spec, arm, 1)["algorithm"] for arm in spec.arms}   # validated by load_config
+    assert algo["vppo_grpo"]["consumers"] == ["vppo"] and algo["vppo_grpo"]["beta"] == algo["grpo"]["beta"] > 0
+    assert algo["dapo"]["consumers"] is None and algo["dapo"]["dynamic_sampling"] is True
 
 
 def test_curves_read_every_tensorboard_run_directory(tmp_path):

@@ -97,6 +97,11 @@ def _engine_body(rank, world_size, hf_dir, prompts_raw):
             r["lengths"] = s.lengths.tolist()
             r["again"] = engine.generate(prompts, 3, sampled, seed=7).response_ids.tolist()
             r["other_seed"] = engine.generate(prompts, 3, sampled, seed=8).response_ids.tolist()
+        if tp == 2:  # the trimmed prefill's last layer (rollout/prefill.py) with a tensor-parallel qkv
+            from test_prefill import compare_prefills
+
+            engine.prefill_batch_size = 2
+            r["prefill"] = compare_prefills(engine, prompts)
         results[f"tp{tp}pp{pp}"] = r
         if tp == 1 and pp == 1:
             results["megatron_cache"] = _megatron_cache_path(model, prompts, sampled)
@@ -173,6 +178,14 @@ def test_greedy_equals_transformers_generate_at_every_layout(engine_results):
     for rank_results in results:
         for layout in ("tp1pp1", "tp2pp1", "tp1pp2"):
             assert rank_results[layout]["greedy"] == expected, layout
+
+
+def test_trimmed_prefill_equals_plain_prefill_at_tp2(engine_results):
+    _, prompts, results = engine_results
+    for rank_results in results:
+        r = rank_results["tp2pp1"]["prefill"]
+        assert r["supported"] and r["mlp_rows"] == [1] * -(-len(prompts) // 2), r  # chunks of 2 prompts
+        assert r["logits"] <= 1e-5 and r["cache"] <= 1e-5, r  # float32 rounding (test_prefill: float64)
 
 
 def test_log_probs_equal_teacher_forced_forward(engine_results):

@@ -56,18 +56,26 @@ def skip_summary(skipped: list) -> dict:
     return {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)), "samples": skipped}
 
 
+def eval_processor(loaded, settings):
+    """(image processor, settings recording its pixel range) for a loaded checkpoint: the checkpoint's family
+    decides patch, mean and std; the range is the settings' or the protocol's for that family, else the
+    checkpoint's own (``evaluation.settings.processor_pixels``)."""
+    from megatron_papo.evaluation.settings import processor_pixels
+    from megatron_papo.models import family_of_spec
+
+    family = family_of_spec(getattr(loaded.model, "module", loaded.model).spec)
+    lo, hi = processor_pixels(settings, family)
+    processor = loaded.processor if lo is None else family.image_processor(lo, hi)
+    return processor, dataclasses.replace(settings, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+
+
 def _run(args, settings, questions: list, tpd: tuple, read_skips: list) -> dict:
     from megatron_papo.evaluation.report import FORMAT_VERSION, TOOL
     from megatron_papo.evaluation.run import evaluate
-    from megatron_papo.models import family_of_spec
     from megatron_papo.training.loading import load_for_inference
 
     loaded = load_for_inference(args.checkpoint)
-    processor = loaded.processor
-    if settings.min_pixels is not None:  # the checkpoint's family decides patch, mean and std; the user the limits
-        family = family_of_spec(getattr(loaded.model, "module", loaded.model).spec)
-        processor = family.image_processor(settings.min_pixels, settings.max_pixels)
-    settings = dataclasses.replace(settings, min_pixels=processor.min_pixels, max_pixels=processor.max_pixels)
+    processor, settings = eval_processor(loaded, settings)
     t0 = time.perf_counter()
     res = evaluate(loaded.model, loaded.tokenizer, processor, questions, settings, progress=not args.no_progress)
     secs = time.perf_counter() - t0

@@ -2,7 +2,8 @@
 
 Runs pair only when they answered the same questions (same ids in the same data sets) under the same decoding
 and image settings (``evaluation.settings.PAIRING_KEYS``); the checkpoint, the sampling seed and the parallel
-layout may differ. Per data set and overall: the difference in avg@k (B - A) and, when both runs measured
+layout may differ, and so may the processor's pixel range of two runs under the same protocol (it follows the model
+family). Per data set and overall: the difference in avg@k (B - A) and, when both runs measured
 perception, in image reliance (avg@k - avg@k_masked), each with a paired bootstrap 95% interval over questions;
 the exact sign test on per-question correct fractions (McNemar's test when k = 1) and the exact McNemar tests on
 majority-correct (correct > k/2) and on any-correct (pass@k), Benjamini-Hochberg adjusted across the data sets
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_papo.evaluation.settings import PAIRING_KEYS
+from megatron_papo.evaluation.settings import PAIRING_KEYS, PROTOCOL_FAMILY_KEYS
 from megatron_papo.evaluation.stats import benjamini_hochberg, bootstrap_mean_diff, mcnemar, sign_test
 
 TOOL = "megatron-papo compare"
@@ -22,7 +23,9 @@ TOOL = "megatron-papo compare"
 def check_pairable(a: dict, b: dict, name_a: str, name_b: str) -> None:
     """Raise a one-line ValueError naming what differs between two runs."""
     sa, sb = a["settings"], b["settings"]
-    diff = [f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in PAIRING_KEYS if sa.get(k) != sb.get(k)]
+    same_protocol = sa.get("protocol") is not None and sa.get("protocol") == sb.get("protocol")
+    keys = [k for k in PAIRING_KEYS if not (same_protocol and k in PROTOCOL_FAMILY_KEYS)]
+    diff = [f"{k} {sa.get(k)!r} vs {sb.get(k)!r}" for k in keys if sa.get(k) != sb.get(k)]
     if diff:
         raise ValueError(f"cannot pair {name_a} and {name_b}: different settings: {'; '.join(diff)}")
     qa = {r["id"]: r["dataset"] for r in a["records"]}

@@ -10,6 +10,8 @@ from typing import Optional
 # the settings two runs must share to be paired by `megatron-papo compare` (checkpoint, seed and layout may differ)
 PAIRING_KEYS = ("k", "temperature", "top_p", "top_k", "max_new_tokens", "min_pixels", "max_pixels",
                 "harness_pixels", "protocol", "mask_ratio", "mask_patch_size", "mask_fill")
+# ... except these when both runs follow the same protocol: it sets them per model family (processor_pixels)
+PROTOCOL_FAMILY_KEYS = ("min_pixels", "max_pixels")
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,22 @@ class EvalSettings:
 
 
 # The published evaluation (PAPO-Eval on LLaMA-Factory + vLLM): avg@8 at temperature 1.0, top-p 1.0, top-k 50,
-# 2,048 new tokens; images first scaled into 32*32 .. 768*768 pixels, then the Qwen2.5-VL processor's own range.
+# 2,048 new tokens; images first scaled into 32*32 .. 768*768 pixels, then the processor's own range. It was
+# published on Qwen2.5-VL (56*56 .. 28*28*16384); each family takes its published processor's range
+# (``Family.published_pixels``, see processor_pixels), a Qwen3-VL checkpoint 65,536 .. 16,777,216.
 PAPO_EVAL = dict(k=8, temperature=1.0, top_p=1.0, top_k=50, max_new_tokens=2048, harness_pixels=(32 * 32, 768 * 768),
-                 min_pixels=56 * 56, max_pixels=28 * 28 * 16384, protocol="papo-eval")
+                 protocol="papo-eval")
 PROTOCOLS = {"papo-eval": PAPO_EVAL}
+
+
+def processor_pixels(settings: EvalSettings, family) -> tuple:
+    """(min, max) pixels of the image processor for a checkpoint of ``family``: the settings' own range, else
+    under a protocol the family's published one, else (None, None): the checkpoint's own processor."""
+    if settings.min_pixels is not None:
+        return settings.min_pixels, settings.max_pixels
+    if settings.protocol is not None:
+        return family.published_pixels
+    return None, None
 
 
 def settings_from_args(args) -> EvalSettings:

@@ -50,6 +50,8 @@ class Family:
     image_processor: Callable
     # raw-image cell of one vision patch in pixels (PAPO masking default; x spatial merge for merged cells)
     patch_size: int
+    # (min, max) pixels of the published checkpoints' preprocessor_config.json (evaluate --protocol papo-eval)
+    published_pixels: tuple[int, int]
     # the transformers class of the family's checkpoints
     hf_architecture: str
     # (spec, tp) -> parameters per rank of (one language layer, the vision tower), for --dry-run
@@ -85,6 +87,7 @@ FAMILIES: dict[str, Family] = {
         hf_config_from_spec=qwen25_spec.hf_config_from_spec, spec_from_dict=qwen25_spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen2_5_vl.mapping"),
         image_processor=_processor(14, *_CLIP, 56 * 56, 28 * 28 * 1280), patch_size=14,
+        published_pixels=(56 * 56, 28 * 28 * 16384),
         hf_architecture="Qwen2_5_VLForConditionalGeneration", param_counts=qwen25_counts.param_counts,
         vision_flops=qwen25_counts.vision_flops),
     qwen3_vl.FAMILY: Family(
@@ -94,6 +97,7 @@ FAMILIES: dict[str, Family] = {
         hf_config_from_spec=qwen3_vl.spec.hf_config_from_spec, spec_from_dict=qwen3_vl.spec.spec_from_dict,
         mapping=_mapping("megatron_papo.models.qwen3_vl.mapping"),
         image_processor=_processor(16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216), patch_size=16,
+        published_pixels=(65536, 16777216),
         hf_architecture="Qwen3VLForConditionalGeneration", param_counts=qwen3_counts.param_counts,
         vision_flops=qwen3_counts.vision_flops),
 }

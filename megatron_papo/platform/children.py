@@ -1,4 +1,4 @@
-"""Helper processes die with their parent and leave signals to it.
+"""Helper processes die with their parent and leave signals to it; how to start one safely.
 
 The trainer forks helpers: DataLoader workers and megatron's checkpoint writers. SLURM (and a terminal's Ctrl-C)
 signals the whole process group, so a helper that died of SIGTERM would break the very save the trainer is about to
@@ -41,6 +41,15 @@ def ignore_trainer_signals() -> None:
     for s in _HANDLED:
         signal.signal(s, signal.SIG_IGN)
     die_with_parent()
+
+
+def safe_start_method() -> str:
+    """How to start a helper process now: ``fork`` while no accelerator runtime has started in this process (cheap,
+    and the child sees everything set up here), ``spawn`` once CUDA has: the CUDA runtime keeps threads and locks,
+    and a forked child inherits them in whatever state they were in (it can hang on a lock another thread held).
+    Decided per start, so a pool that began before CUDA started switches to spawn for its later workers."""
+    torch = sys.modules.get("torch")                 # never imported: no CUDA runtime either
+    return "spawn" if torch is not None and torch.cuda.is_initialized() else "fork"
 
 
 def _after_fork_in_child() -> None:

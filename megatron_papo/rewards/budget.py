@@ -7,19 +7,30 @@ this covers the class. Each response is graded in a worker process; a response t
 killed and replaced. A pure-Python time limit could not do this: a single C-level big-integer operation never
 returns to the interpreter.
 
-Workers are forked when first needed (so rewards registered or replaced in this process are the ones used), leave
-the trainer's signals to it and die with it (``platform.children``). ``timeout_s=0`` grades inline, unguarded.
+Workers start when first needed and leave the trainer's signals to it and die with it (``platform.children``). They
+are forked while no accelerator runtime has started in the trainer, and spawned (a fresh interpreter) once CUDA has
+(``platform.children.safe_start_method``): forking a process whose CUDA/NCCL threads hold locks can hang the child.
+Either way each job carries its reward function, pickled by reference (module and name), so rewards registered or
+replaced in this process are the ones used; a spawned worker imports the function's module. A reward that cannot
+be sent (a lambda, a closure) or that the worker cannot import (defined in ``python -c`` or an interactive
+session) is graded in the trainer without a time budget, with one warning naming it. ``timeout_s=0`` grades
+inline, unguarded.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing as mp
+import pickle
 import time
 from multiprocessing.connection import wait
 from typing import Callable, Optional, Sequence
 
 ZERO = {"overall": 0.0, "accuracy": 0.0, "format": 0.0}
+UNLOADABLE = "unloadable"             # a worker's answer to a job it could not unpickle (its reward's module)
+_NOT_SENDABLE = (AttributeError, TypeError, ValueError, pickle.PicklingError, mp.ProcessError)
+log = logging.getLogger(__name__)
 
 
 def _serve(conn) -> None:
@@ -32,6 +43,9 @@ def _serve(conn) -> None:
             job = conn.recv()
         except EOFError:
             return
+        except Exception as exc:  # noqa: BLE001 - the reward's module cannot be imported here: the trainer grades it
+            conn.send((UNLOADABLE, f"{type(exc).__name__}: {exc}"))
+            continue
         if job is None:
             return
         fn, response, answer = job
@@ -42,7 +56,8 @@ def _serve(conn) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, start_method: str):
+        ctx = mp.get_context(start_method)
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self.proc.start()
@@ -66,14 +81,22 @@ class RewardPool:
         if num_workers < 1 or timeout_s <= 0:
             raise ValueError("reward pool: need num_workers >= 1 and timeout_s > 0")
         self.num_workers, self.timeout_s = num_workers, timeout_s
-        self._ctx = mp.get_context("fork")
         self._workers: list[_Worker] = []
         self.timed_out = 0
+        self.start_methods: set[str] = set()          # how its workers were started (fork / spawn)
+        self._warned: set[str] = set()
+
+    def _new_worker(self) -> _Worker:
+        from megatron_papo.platform.children import safe_start_method
+
+        method = safe_start_method()
+        self.start_methods.add(method)
+        return _Worker(method)
 
     def _ensure(self) -> None:
         self._workers = [w for w in self._workers if w.proc.is_alive()]
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(self._new_worker())
 
     def score(self, jobs: Sequence[tuple[Callable, str, str]]) -> tuple[list[dict], int]:
         """Scores in job order and how many of them timed out (scored 0)."""
@@ -86,21 +109,33 @@ class RewardPool:
                     w.job, w.started = pending.pop(), time.monotonic()
                     try:
                         w.conn.send(jobs[w.job])
-                    except (AttributeError, TypeError, ValueError, mp.ProcessError):   # not picklable: inline
-                        fn, response, answer = jobs[w.job]
-                        results[w.job], w.job = dict(fn(response, answer)), None
+                    except _NOT_SENDABLE as exc:                           # not picklable: inline
+                        results[w.job], w.job = self._inline(jobs[w.job], f"{type(exc).__name__}: {exc}"), None
             busy = [w for w in self._workers if w.job is not None]
             if not busy:
                 continue
             deadline = min(w.started for w in busy) + self.timeout_s
             for conn in wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic())):
                 w = next(x for x in busy if x.conn is conn)
-                results[w.job], w.job = self._receive(w), None
+                got = self._receive(w)
+                if isinstance(got, tuple) and got[0] == UNLOADABLE:
+                    got = self._inline(jobs[w.job], got[1])
+                results[w.job], w.job = got, None
             timed_out += self._reap(busy, results)
         self.timed_out += timed_out
         return [r if r is not None else dict(ZERO) for r in results], timed_out
 
-    def _receive(self, w: _Worker) -> dict:
+    def _inline(self, job: tuple, why: str) -> dict:
+        """Grade ``job`` here, without a time budget (its reward cannot reach a worker); warn once per reward."""
+        fn, response, answer = job
+        name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(f"reward {name} cannot run in a reward worker ({why[:200]}); it is graded in the trainer "
+                        "without a time budget: define it at module level in an importable module")
+        return dict(fn(response, answer))
+
+    def _receive(self, w: _Worker):
         try:
             return w.conn.recv()
         except (EOFError, OSError):                       # the worker died (e.g. out of memory): score 0
@@ -113,7 +148,7 @@ class RewardPool:
             if w.job is not None and now - w.started >= self.timeout_s:
                 results[w.job] = dict(ZERO)
                 w.kill()
-                self._workers[self._workers.index(w)] = _Worker(self._ctx)
+                self._workers[self._workers.index(w)] = self._new_worker()
                 count += 1
         return count
 

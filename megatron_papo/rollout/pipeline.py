@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_papo.models.common.sequence_parallel import without_sequence_parallel
+
 
 @contextmanager
 def eval_mode(model, grad_guard=torch.no_grad):
@@ -66,8 +68,6 @@ class Stages:
         self.model = unwrap(model)
         cfg = self.model.language_model.config
         if cfg.sequence_parallel:  # one token per step cannot be split over the sequence: same weights, SP off
-            from megatron_papo.training.sequence_parallel import without_sequence_parallel
-
             self.forward = without_sequence_parallel(self.model, self.forward)
         # hidden states, plus whatever the model family sends along (Qwen3-VL: DeepStack features across a split)
         self.hidden_size = self.model.pipeline_hidden_size

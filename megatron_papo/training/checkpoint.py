@@ -4,8 +4,10 @@ A checkpoint ``<dir>/step_<N>/`` holds the model's sharded state dict, megatron'
 LR scheduler, every rank's RNG states, every data-parallel rank's reader position, the step and the resolved
 config. It is written into ``step_<N>.tmp`` and renamed only once every rank has finished writing, so a crash
 mid-save leaves the previous checkpoint as the newest complete one (``resume: auto`` ignores ``*.tmp``).
-Before the rename rank 0 writes ``complete.json``, the size of every file; ``resume: auto`` takes the newest
-checkpoint that passes :func:`verify_checkpoint` and names what is wrong with any newer one it passes over.
+Before the rename rank 0 writes ``complete.json``, the size and CRC32 of every file (``checkpoint_manifest.py``);
+``resume: auto`` takes the newest checkpoint that passes :func:`verify_checkpoint` (checksums included) and names
+what is wrong with any newer one it passes over; one that then fails to load is passed over the same way
+(``resume.py``). A read error on any rank is raised on every rank (no rank is left waiting in a collective).
 
 Lineages: a run that starts at step S while ``checkpoint.dir`` holds checkpoints after S (a roll-back, or a fresh
 run in a used directory) moves those aside into ``abandoned/<time>-after-step_S/`` (see :func:`set_aside_later`),
@@ -18,14 +20,13 @@ directory and the bytes needed; the previous checkpoints are untouched. Signals:
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,12 +37,13 @@ from torch.distributed.checkpoint.api import CheckpointException   # a BaseExcep
 _ERRORS = (Exception, CheckpointException)
 
 from megatron_papo.platform import device, rng_state, set_rng_state
+from megatron_papo.training.checkpoint_manifest import (MANIFEST, gather_objects,  # noqa: F401  (re-exported)
+                                                        shared_checksums, verify_agreed, verify_checkpoint,
+                                                        write_manifest)
 from megatron_papo.training.preemption import PreemptionHandler  # noqa: F401  (re-exported, older import path)
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-MANIFEST = "complete.json"
-_REQUIRED = ("metadata.json", "common.pt", ".metadata")
 
 
 class CheckpointError(ValueError):
@@ -61,56 +63,32 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume(resume: Optional[str], ckpt_dir: str | Path, warn=None) -> Optional[Path]:
+def find_resume(resume: Optional[str], ckpt_dir: str | Path, warn=None, checksums: bool = False) -> Optional[Path]:
     """The checkpoint to resume from: None (fresh), ``auto`` (newest *complete* one in ckpt_dir, if any; each newer
-    incomplete one is named through ``warn``), or a path (which must be complete)."""
+    incomplete one is named through ``warn``), or a path (which must be complete). ``checksums``: also check every
+    file's CRC32 (collective: every rank must call it)."""
     if resume is None:
         return None
-    warn = warn or log.warning
     if resume == "auto":
-        for _, path in reversed(list_checkpoints(ckpt_dir)):
-            problem = verify_checkpoint(path)
-            if problem is None:
-                return path
-            warn(f"checkpoint.resume=auto: passing over {path}: {problem}")
-        return None
+        return next(resume_candidates(ckpt_dir, warn, checksums), None)
     path = Path(resume)
-    problem = verify_checkpoint(path)
+    problem = verify_agreed(path, checksums)
     if problem is not None:
         raise CheckpointError(f"checkpoint.resume: {resume!r} is not a usable checkpoint: {problem}; pass a "
                               "complete step_<N> directory, 'auto', or null")
     return path
 
 
-def write_manifest(path: Path) -> None:
-    """``complete.json``: every file of the checkpoint with its size, written last (before the rename)."""
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    (path / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def verify_checkpoint(path: str | Path) -> Optional[str]:
-    """None for a complete checkpoint, else what is wrong (naming the file). Checkpoints without a manifest (older
-    runs, hf-to-mcore output) are checked for megatron's own files only."""
-    path = Path(path)
-    if not path.is_dir():
-        return "not a directory"
-    for name in _REQUIRED:
-        if not (path / name).is_file() or (path / name).stat().st_size == 0:
-            return f"{path / name} is missing or empty"
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"{manifest} is unreadable ({exc})"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} is {f.stat().st_size} bytes, {size} were written (truncated or altered)"
-    return None
+def resume_candidates(ckpt_dir: str | Path, warn=None, checksums: bool = False) -> Iterator[Path]:
+    """Complete checkpoints of ``ckpt_dir``, newest first; each one passed over is named through ``warn`` with
+    what is wrong. Collective (every rank gets the same sequence)."""
+    warn = warn or log.warning
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        problem = verify_agreed(path, checksums)
+        if problem is None:
+            yield path
+        else:
+            warn(f"checkpoint.resume=auto: passing over {path}: {problem}")
 
 
 def set_aside_later(ckpt_dir: str | Path, start_step: int, fresh: bool) -> Optional[Path]:
@@ -184,12 +162,13 @@ def _rename(src: Path, dst: Path) -> None:
 def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimizer=None, scheduler=None,
                     reader_state=None, config: Optional[dict] = None, keep_last: int = 0,
                     extra_modules: Optional[dict] = None, describe: Optional[Callable[[Path], None]] = None,
-                    progress: Optional[dict] = None) -> Path:
+                    progress: Optional[dict] = None, checksums: bool = True) -> Path:
     """Write ``<ckpt_dir>/step_<step>`` atomically on every rank; keep the newest ``keep_last`` (0: all).
 
     ``describe(dir)`` runs on rank 0 before the rename, to add files that travel with the weights (the model
     description and tokenizer files that make the checkpoint usable by mcore-to-hf, generate and evaluate).
-    ``progress`` (a small dict, e.g. warm-start steps done) is stored with the step."""
+    ``progress`` (a small dict, e.g. warm-start steps done) is stored with the step. ``checksums``: record every
+    file's CRC32 in ``complete.json`` (computed in parallel, each rank reading its share)."""
     final = checkpoint_path(ckpt_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -209,10 +188,11 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, model_chunks: list, optimiz
             raise CheckpointError(_disk_full_message(ckpt_dir, f"step_{step}", sd)) from None
         raise
     _barrier()                                                 # every rank's shards are on disk
+    crcs = shared_checksums(tmp) if checksums else None
     if rank0:
         if describe is not None:
             describe(tmp)
-        write_manifest(tmp)
+        write_manifest(tmp, crcs)
         if final.exists():
             shutil.rmtree(final)
         _rename(tmp, final)
@@ -288,21 +268,13 @@ def load_checkpoint(path: str | Path, model_chunks: list, optimizer=None, schedu
     :class:`CheckpointError`.
     """
     path = Path(path)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    except _ERRORS as exc:
-        raise CheckpointError(f"checkpoint {path}: {path / 'common.pt'} cannot be read ({type(exc).__name__}: "
-                              f"{exc}); resume from another step_<N>") from None
+    common = _agreed(lambda: dist_checkpointing.load_common_state_dict(str(path)), path)
     layout = _layout()
     same_layout = common.get("layout") == layout
     same_dp = (common.get("layout") or {}).get("dp") == layout["dp"]
     sd = _state_dict(model_chunks, optimizer, scheduler, step=0, reader_state=None, config={},
                      is_loading=True, with_objects=same_dp, extra_modules=extra_modules, with_rng=same_layout)
-    try:
-        loaded = dist_checkpointing.load(sd, str(path))
-    except _ERRORS as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot be read ({_first_line(exc)}){_bad_file(path)}; resume "
-                              "from another step_<N>") from None
+    loaded = _agreed(lambda: dist_checkpointing.load(sd, str(path)), path)
     _restore(loaded, model_chunks, optimizer, scheduler, extra_modules)
     if same_layout:
         set_rng_state(loaded["rng_state"])
@@ -321,11 +293,26 @@ def _restore(loaded: dict, model_chunks, optimizer, scheduler, extra_modules) ->
         scheduler.load_state_dict(loaded["scheduler"])
 
 
+def _agreed(read: Callable, path: Path):
+    """``read()`` on every rank; if it failed on any rank, every rank raises the same :class:`CheckpointError`
+    (naming the file when the manifest can tell), so a read error on one rank cannot leave the others waiting in
+    the next collective."""
+    try:
+        result, error = read(), None
+    except _ERRORS as exc:
+        result, error = None, _first_line(exc)
+    errors = [e for e in gather_objects(error) if e is not None]
+    if errors:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({errors[0]}){_bad_file(path)}; resume from "
+                              "another step_<N>") from None
+    return result
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 def _bad_file(path: Path) -> str:
-    problem = verify_checkpoint(path)
+    problem = verify_agreed(path, checksums=True)           # collective: called by every rank of a failed load
     return f"; {problem}" if problem else ""

@@ -50,10 +50,20 @@ class RunLogger:
             self.run_dir = run_directory(tensorboard_dir)
             self.writer = SummaryWriter(self.run_dir)
         self.collapse = CollapseDetector()
+        self.printed_signs: set[str] = set()
 
     def info(self, msg: str) -> None:
         if self.active:
             print(msg, flush=True)
+
+    def note(self, msg: str, step: int = 0) -> None:
+        """A warning worth keeping with the run: one console line and a tensorboard text entry (``warnings``)."""
+        if not self.active:
+            return
+        print(f"WARNING: {msg}", flush=True)
+        if self.writer is not None:
+            self.writer.add_text("warnings", msg, step)
+            self.writer.flush()
 
     def log_step(self, step: int, total: int, metrics: dict) -> None:
         """Scalars to tensorboard, the collapse check, and a console line every ``log_interval`` steps."""
@@ -65,8 +75,11 @@ class RunLogger:
             self.writer.flush()
         plain = {k.split("/", 1)[-1]: v for k, v in metrics.items() if k.startswith("actor/")}
         warning = self.collapse.update(plain, step)
-        if warning and self.collapse.warnings == 1:
-            print(f"WARNING: {warning} (printed once; the signals stay in tensorboard)", file=sys.stderr, flush=True)
+        if warning and not set(self.collapse.new_signs) <= self.printed_signs:   # each sign printed once per run
+            self.printed_signs.update(self.collapse.new_signs)
+            print(f"WARNING: {warning} (each sign is printed once; the signals stay in tensorboard)", file=sys.stderr, flush=True)
+        if warning and self.writer is not None:
+            self.writer.add_text("warnings", warning, step)
         if step % self.log_interval == 0 or step == total:
             parts = [f"{short} {float(metrics[k]):.4g}" for k, short in _CONSOLE if k in metrics]
             print(f"step {step}/{total} | " + " | ".join(parts), flush=True)

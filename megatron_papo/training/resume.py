@@ -1,7 +1,12 @@
 """Resuming a run: choose a complete checkpoint, keep one lineage, and say what a changed config does.
 
-- ``checkpoint.resume=auto`` takes the newest checkpoint that passes ``verify_checkpoint`` (newer broken ones are
-  named in one line each); an explicit directory must be complete.
+- ``checkpoint.resume=auto`` takes the newest checkpoint that passes ``verify_checkpoint`` (sizes, and the CRC32
+  of every file with ``checkpoint.checksums``); newer broken ones are named in one line each. One that then fails to
+  load (a damaged file the manifest cannot tell, or one without checksums) is passed over too: one warning line
+  naming the directory and the error, on the console and in tensorboard, and the next older one is tried; nothing
+  is deleted. If checkpoints existed but none loaded, the run stops (a failed load may have overwritten part of
+  the model, so starting afresh silently would be wrong). An explicit directory must be complete and load: its
+  failure is an error, never a fallback.
 - Checkpoints after the resumed step (a roll-back), or any checkpoint when a fresh run starts in a used directory,
   are moved to ``<checkpoint.dir>/abandoned/...`` (one line); nothing is deleted.
 - A changed ``optimizer.lr`` / warm-up / schedule: with ``checkpoint.override_lr_schedule`` (default) the config's
@@ -15,19 +20,21 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from megatron_papo.training.checkpoint import find_resume, load_checkpoint, set_aside_later
+from megatron_papo.training.checkpoint import (CheckpointError, find_resume, load_checkpoint, resume_candidates,
+                                               set_aside_later)
 
 _LR_FIELDS = ("lr", "warmup_steps", "schedule")
 
 
 def resume(run) -> None:
     """Load the checkpoint ``checkpoint.resume`` names into ``run`` (model, optimizer, scheduler, reader, step)."""
-    cfg, ctx, log = run.ctx.cfg, run.ctx, run.logger
-    path = find_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, warn=lambda m: log.info(f"WARNING: {m}"))
-    info = None
+    cfg, log = run.ctx.cfg, run.logger
+    if cfg.checkpoint.resume == "auto":
+        path, info = _load_newest(run)
+    else:
+        path = find_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, checksums=cfg.checkpoint.checksums)
+        info = _load(run, path) if path is not None else None
     if path is not None:
-        extra = {"reference": ctx.reference} if ctx.reference is not None else {}
-        info = load_checkpoint(path, [ctx.policy], ctx.optimizer, ctx.scheduler, extra_modules=extra)
         run.start_step = info["step"]
         run.warmup_done = int(info["progress"].get("warmup_sft_done", cfg.training.warmup_sft_steps
                                                     if run.start_step > 0 else 0))
@@ -35,6 +42,32 @@ def resume(run) -> None:
         _reader_state(run, info)
         log.info(f"resumed from {path} at RL step {run.start_step}")
     _one_lineage(run, fresh=path is None)
+
+
+def _load(run, path):
+    ctx = run.ctx
+    extra = {"reference": ctx.reference} if ctx.reference is not None else {}
+    return load_checkpoint(path, [ctx.policy], ctx.optimizer, ctx.scheduler, extra_modules=extra)
+
+
+def _load_newest(run):
+    """(path, info) of the newest checkpoint that verifies and loads, (None, None) when there is none; every one
+    passed over is named in one warning line (console and tensorboard)."""
+    cfg, note = run.ctx.cfg, run.logger.note
+    failed = []
+    for path in resume_candidates(cfg.checkpoint.dir, warn=note, checksums=cfg.checkpoint.checksums):
+        try:
+            return path, _load(run, path)
+        except CheckpointError as exc:            # raised on every rank alike (checkpoint._agreed)
+            failed.append(path)
+            note(f"checkpoint.resume=auto: {path} failed to load ({exc}); falling back to the next older complete "
+                 "checkpoint (nothing is deleted)")
+    if failed:
+        raise CheckpointError(f"checkpoint.resume=auto: none of the checkpoints in {cfg.checkpoint.dir} could be "
+                              f"loaded ({', '.join(p.name for p in failed)} failed, see the warnings above); fix or "
+                              "remove them, name one with checkpoint.resume=<dir>, or set checkpoint.resume=null "
+                              "to start afresh (they are then moved aside, not deleted)")
+    return None, None
 
 
 def _one_lineage(run, fresh: bool) -> None:

@@ -191,7 +191,7 @@ def save(run: Run, step: int) -> str:
                                reader_state=run.reader.state_dict(), config=to_dict(cfg),
                                keep_last=cfg.checkpoint.keep_last, extra_modules=_extra(ctx),
                                describe=lambda d: describe_checkpoint(d, cfg, ctx.policy),
-                               progress={"warmup_sft_done": run.warmup_done})
+                               progress={"warmup_sft_done": run.warmup_done}, checksums=cfg.checkpoint.checksums)
     run.dirty = False
     return str(path)
 
@@ -290,6 +290,8 @@ def _rl_phase(run: Run, reader_iter, result: dict) -> None:
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             result["checkpoint"] = save(run, step)
         run.handler.check()
+    if validator is not None and result["steps"] > run.start_step:     # a break in the last update shows only here
+        result["validation"] = validator.finish(ctx, result["steps"], log) or result.get("validation")
 
 
 def train_loop(run: Run) -> dict:

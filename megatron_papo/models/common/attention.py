@@ -236,6 +236,14 @@ class RopeCachingSelfAttention(SelfAttention):
     rotated by megatron's forward as usual and the key is rotated here, once, before it enters the cache.
     """
 
+    def cache_key_value(self, hidden_states: torch.Tensor, inference_context, rotary_pos_emb: torch.Tensor):
+        """Write the keys (rotated) and values of ``hidden_states`` [sq, b, h] (already normed) into the static
+        cache at the context's offsets, and nothing else: positions whose attention output nobody reads (the
+        prefill's last layer before each prompt's last position, ``megatron_papo.rollout.prefill``).
+        ``rotary_pos_emb`` [sq, b, 1, dim] covers these positions (``keys_hold_rope`` contract)."""
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        self._adjust_key_value_for_inference(inference_context, query, key, value, (rotary_pos_emb,) * 2)
+
     def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb,
                                         rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                                         sequence_len_offset=None, *, inference_params=None):
