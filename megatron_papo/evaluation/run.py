@@ -52,7 +52,7 @@ def evaluate(model, tokenizer, processor, questions: list, settings, *, progress
 
     dp_rank, dp_size, dp_group = _dp()
     engine = MegatronEngine(model, max_seq_len=max_prompt_length + settings.max_new_tokens, tokenizer=tokenizer,
-                            max_rows=settings.max_batch_rows)
+                            max_rows=settings.max_batch_rows, lean_decode=settings.lean_decode)
     rounds = my_chunks(len(questions), settings.batch_size, dp_rank, dp_size)
     bar = _bar(len(questions), progress)
     t0, records, skipped, dev = time.perf_counter(), [], [], next(model.parameters()).device

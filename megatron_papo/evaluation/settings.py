@@ -32,6 +32,7 @@ class EvalSettings:
     protocol: Optional[str] = None              # "papo-eval" or None
     batch_size: int = 16                        # questions per generation batch and rank (speed only)
     max_batch_rows: int = 0                     # rows in flight in the engine at most (memory only; 0: no cap)
+    lean_decode: bool = True                    # the engine's lean decode step where supported (speed only)
 
     def __post_init__(self):
         if self.k < 1:
@@ -56,6 +57,7 @@ class EvalSettings:
         d["harness_pixels"] = list(self.harness_pixels) if self.harness_pixels else None
         d.pop("batch_size")
         d.pop("max_batch_rows")
+        d.pop("lean_decode")
         return d
 
 

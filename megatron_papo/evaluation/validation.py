@@ -40,7 +40,8 @@ class Validator:
         self.settings = EvalSettings(k=t.eval_k, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                      max_new_tokens=r.max_new_tokens, seed=t.seed, perception=True,
                                      mask_ratio=a.mask_ratio, mask_patch_size=a.mask_patch_size, mask_fill=a.mask_fill,
-                                     max_batch_rows=max(r.max_batch_rows, t.eval_k) if r.max_batch_rows else 0)
+                                     max_batch_rows=max(r.max_batch_rows, t.eval_k) if r.max_batch_rows else 0,
+                                     lean_decode=r.lean_decode)
 
     @classmethod
     def build(cls, cfg) -> Optional["Validator"]:
