@@ -131,9 +131,13 @@ def _finish_cases(model, prompts, greedy_out):
     tok = CharTokenizer()
     engine = MegatronEngine(model, max_seq_len=21, eos_ids=[eos], tokenizer=tok)  # prompt 1 (17 tokens): 4 new
     out = engine.generate(prompts, 2, SamplingParams(greedy=True, max_new_tokens=NEW, stop=[stop]), seed=0)
+    with_end = type("VisionEndTokenizer", (CharTokenizer,), {"vision_end_id": 7})()  # the trainer's ban list
+    spec = model.spec
+    banned = dict(plain=engine.banned_ids.tolist(), want=sorted({spec.image_token_id, spec.vision_start_token_id}),
+                  with_end=MegatronEngine(model, max_seq_len=21, tokenizer=with_end).banned_ids.tolist())
     return dict(eos=eos, stop=stop, ref=ref.tolist(), ids=out.response_ids.tolist(), lengths=out.lengths.tolist(),
                 reasons=out.finish_reasons, mask=out.response_mask.tolist(),
-                seqs=[t.tolist() for t in out.sequences])
+                seqs=[t.tolist() for t in out.sequences], banned=banned)
 
 
 def _edge_cases(model, prompts):
@@ -220,6 +224,13 @@ def test_shared_prompt_cache_equals_megatron_cache_path(engine_results):
     assert slow["sampled"] == base["sampled"]
     torch.testing.assert_close(torch.tensor(slow["sampled_lp"]), torch.tensor(base["sampled_lp"]),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_default_banned_tokens_follow_the_trainer(engine_results):
+    """Without banned_ids the engine bans the image and vision-start tokens, plus the tokenizer's vision-end token
+    when it has one (the trainer's list, training.banned_tokens), so evaluate / generate sample what training does."""
+    b = engine_results[2][0]["finish"]["banned"]
+    assert b["plain"] == b["want"] and b["with_end"] == sorted(set(b["want"]) | {7})
 
 
 def test_rows_finish_independently(engine_results):

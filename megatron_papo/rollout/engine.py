@@ -69,8 +69,9 @@ class MegatronEngine:
     eos_ids: token ids that end a response (default: the tokenizer's ``eos_id``); tokenizer: needed for stop
     strings; max_seq_len: longest prompt + response a row may reach; pad_id: fills ``response_ids``;
     packed_weights: on CPU, run the linear layers on weights prepacked once per call (``fast_decode``);
-    banned_ids: tokens never sampled (default: the model's image and vision-start tokens, which a response
-    cannot contain: a sampled ``<|image_pad|>`` would make the next forward expect image features);
+    banned_ids: tokens never sampled (default: the model's image and vision-start tokens, and the tokenizer's
+    vision-end token when a tokenizer is given: the trainer's list; a sampled ``<|image_pad|>`` would make the
+    next forward expect image features);
     max_rows: rows in flight at most, their KV cache included (0: every row of a call at once; else >= n);
     fixed_shape: decode on fixed-size buffers (``rollout.graph_decode``), each step captured as a CUDA graph per
     batch bucket where the device allows (same outputs; on CPU only slower, it reads all T response positions);
@@ -124,8 +125,9 @@ class MegatronEngine:
         self.last_stats: dict = {}  # the last call's scheduling counts (rollout.scheduler.ContinuousDecoder)
         spec = self.stages.model.spec
         self.vocab_size = spec.vocab_size
-        if banned_ids is None:
-            banned_ids = [spec.image_token_id, spec.vision_start_token_id]
+        if banned_ids is None:  # the trainer's list (training.banned_tokens), vision-end read from the tokenizer
+            banned_ids = [spec.image_token_id, spec.vision_start_token_id,
+                          *([tokenizer.vision_end_id] if getattr(tokenizer, "vision_end_id", None) is not None else [])]
         self.banned_ids = torch.tensor(sorted(set(int(i) for i in banned_ids)), dtype=torch.long)
 
     # --- public -------------------------------------------------------------------------------------------
