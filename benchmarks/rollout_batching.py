@@ -10,7 +10,8 @@ allows at once. Each row ends at a log-normal length (``--tail-median``, ``--tai
 - continuous: one ``generate`` call with ``MegatronEngine(max_rows=...)``: when rows finish and a whole prompt
   group's slots are free, the next prompts are prefilled and join the running batch.
 
-Both give the same tokens (checked). The table: wall seconds and process CPU seconds (medians of ``--repeats``,
+Both give the same tokens up to float rounding (counted: a draw within rounding of a sampling boundary may
+take the neighbouring token; many differing rows fail the run). The table: wall seconds and process CPU seconds (medians of ``--repeats``,
 interleaved; CPU seconds are less inflated by a loaded machine), decode forwards, rows computed by them, of those
 rows already finished (computed until compaction dropped them), mean rows per forward (of the cap), tokens/s.
 The last line is ``ratio=<continuous tokens/s / static-waves tokens/s>`` (wall clock). ``--smoke``: a tiny
@@ -120,7 +121,12 @@ def _measure(model, args):
         for name, engine in engines.items():
             dt, tokens[name], stats[name] = _run(engine, prompts, args, lengths, waves=name == "static waves")
             times[name].append(dt)
-    assert tokens["static waves"] == tokens["continuous"], "continuous batching changed the tokens"
+    differ = sum(a != b for a, b in zip(tokens["static waves"], tokens["continuous"]))
+    print(f"rows whose sampled tokens differ between the schedules: {differ} of {len(lengths)} (the two schedules' "
+          f"batches differ, so do the last bits of their logits: a draw landing within that rounding of a "
+          f"cumulative-probability boundary takes the neighbouring token; tests/test_rollout_batching.py pins "
+          f"identical tokens where no draw does)")
+    assert differ <= max(1, len(lengths) // 50), "continuous batching changed the tokens of many rows"
     medians = {k: tuple(statistics.median(t[i] for t in v) for i in (0, 1)) for k, v in times.items()}
     return medians, stats, int(lengths.sum())
 
