@@ -16,7 +16,9 @@ distinct prompt, then all response tokens of all rows in one forward (``decode_k
 Rows at different steps (continuous batching, ``rollout.scheduler``; fixed-shape decode): ``set_row_steps``
 makes a step write each row's key at its own response index and mask the row's own keys past it.
 ``RunningContext`` is the generation cache for that: room for a row cap allocated once, prompts admitted into
-it and finished rows compacted in place.
+it and finished rows compacted in place. With one row per prompt (n = 1, ``joint=True``) a layer's prompt and own
+parts are two views of ONE ``[rows, ng, L + T, hn]`` buffer per K / V, so a decode step reads a row's keys in one
+attention call (``SharedPrefixKV.joint_key``) instead of two calls and a log-sum-exp merge.
 
 Legend: P prompts, N sample rows (b active), L padded prompt length, T most new tokens, ng query groups on this
 rank, hn head dim.

@@ -118,7 +118,8 @@ class SDPAttention(MegatronModule):
         sq = 1 when decoding; sq = the whole response when scoring (``megatron_papo.training.scoring``): query j
         is the row's own position t - sq + j and sees its own keys up to there (causal, bottom-right aligned),
         and the whole prompt. Each part's softmax comes with its log-sum-exp, and the two are merged exactly:
-        softmax over both = lerp(prefix out, own out, sigmoid(lse_own - lse_prefix)).
+        softmax over both = lerp(prefix out, own out, sigmoid(lse_own - lse_prefix)). Decoding with ``joint_key``
+        (one row per prompt, both parts in one buffer) reads them in one call instead: no split, no merge.
         """
         sq, b, ng, hn = query.shape[0], query.shape[1], self.num_groups, self.head_dim
         rep = self.num_heads // ng
