@@ -110,7 +110,8 @@ class ContinuousDecoder:
         self.slots = Slots(len(prompts), n, max_rows)
         cap = min(self.slots.cap, len(prompts) * n)
         # prompts held at most: each has a row left, and a group joins only when n slots are free
-        self.ctx = RunningContext(cap, min(len(prompts), cap - n + 1), self.L, self.T)
+        # n = 1: each row's prompt and own keys in one buffer, read by one attention call (kv_cache.RunningContext)
+        self.ctx = RunningContext(cap, min(len(prompts), cap - n + 1), self.L, self.T, joint=n == 1)
         self.run = Running.empty()
         # admissions (prefill rounds), decode forwards, rows they computed, of them rows already finished,
         # forwards with rows at different steps, most rows in the cache at once

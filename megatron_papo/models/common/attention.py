@@ -118,15 +118,19 @@ class SDPAttention(MegatronModule):
         sq = 1 when decoding; sq = the whole response when scoring (``megatron_papo.training.scoring``): query j
         is the row's own position t - sq + j and sees its own keys up to there (causal, bottom-right aligned),
         and the whole prompt. Each part's softmax comes with its log-sum-exp, and the two are merged exactly:
-        softmax over both = lerp(prefix out, own out, sigmoid(lse_own - lse_prefix)).
+        softmax over both = lerp(prefix out, own out, sigmoid(lse_own - lse_prefix)). Decoding with ``joint_key``
+        (one row per prompt, both parts in one buffer) reads them in one call instead: no split, no merge.
         """
         sq, b, ng, hn = query.shape[0], query.shape[1], self.num_groups, self.head_dim
         rep = self.num_heads // ng
         # a group's query heads and the row's sq positions together form that group's queries
         q = query.reshape(sq, b, ng, rep, hn).permute(1, 2, 0, 3, 4).reshape(b, ng, sq * rep, hn)
-        o_own, lse_own = self._own_part(q, kv, sq)  # [b, ng, sq*rep, hn], [b, ng, sq*rep]
-        o_pre, lse_pre = self._prefix_part(q, kv, self.softmax_scale)
-        out = torch.lerp(o_pre, o_own, torch.sigmoid(lse_own - lse_pre)[..., None])  # [b, ng, sq*rep, hn]
+        if kv.joint_key is not None and sq == 1:  # one row per prompt: prompt and own keys in one call
+            out = softmax_part(q, kv.joint_key, kv.joint_value, self.softmax_scale, _joint_bias(kv, q.dtype))[0]
+        else:
+            o_own, lse_own = self._own_part(q, kv, sq)  # [b, ng, sq*rep, hn], [b, ng, sq*rep]
+            o_pre, lse_pre = self._prefix_part(q, kv, self.softmax_scale)
+            out = torch.lerp(o_pre, o_own, torch.sigmoid(lse_own - lse_pre)[..., None])  # [b, ng, sq*rep, hn]
         out = out.reshape(b, ng, sq, rep, hn).permute(2, 0, 1, 3, 4)  # [sq, b, ng, rep, hn]
         return out.reshape(sq, b, self.num_heads * hn)
 
@@ -199,6 +203,19 @@ def softmax_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _joint_bias(kv: "SharedPrefixKV", dtype) -> Optional[torch.Tensor]:
+    """Additive mask [b, 1, 1, L + t] of a joint read (-inf on prompt padding and on own keys past ``own_len``),
+    None when nothing is masked."""
+    if not kv.prefix_padded and kv.own_len is None:
+        return None
+    keep = kv.prefix_keep  # [b, L] (one row per prompt)
+    L, t = keep.shape[1], kv.joint_key.shape[2] - keep.shape[1]
+    own = torch.arange(t, device=keep.device)[None, :]  # [1, t]
+    own = own < kv.own_len[:, None] if kv.own_len is not None else (own >= 0).expand(keep.shape[0], t)
+    keep = torch.cat([keep if kv.prefix_padded else torch.ones_like(keep), own], 1)  # [b, L + t]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None]
+
+
 def _rows_first(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``[p, ng, rows*w, x]`` -> ``[p*rows, ng, w, x]``: back to one entry per row, prompt-major."""
     if rows == 1:
@@ -214,7 +231,8 @@ class SharedPrefixKV:
     prefix_key / prefix_value ``[P, ng, L, hn]`` (keys rotated), prefix_keep ``[P, L]`` bool (False on left
     padding), row_counts: rows per prompt (rows are prompt-major), own_key / own_value ``[b, ng, t, hn]``: each
     row's response so far, the current token(s) included; with ``own_len`` (rows at different steps: continuous
-    batching, fixed-shape decode) row i's first own_len[i] keys only, the rest masked.
+    batching, fixed-shape decode) row i's first own_len[i] keys only, the rest masked. With ``joint_key`` /
+    ``joint_value`` (one row per prompt, ``RunningContext`` at n = 1) a decode step reads both parts in one call.
     Built by ``megatron_papo.rollout.kv_cache``.
     """
 
@@ -226,6 +244,10 @@ class SharedPrefixKV:
     own_value: torch.Tensor
     prefix_padded: bool = True  # False: every prompt position is a real token (no mask to apply)
     own_len: Optional[torch.Tensor] = None  # [b] int64 own keys of each row (None: all t; decoding only)
+    # one row per prompt (n = 1), row i's prompt keys followed by its own keys in one buffer: [b, ng, L + t, hn]
+    # views that a decode step reads in one call (no prompt / own split, no merge); None: the split read
+    joint_key: Optional[torch.Tensor] = None
+    joint_value: Optional[torch.Tensor] = None
 
 
 class RopeCachingSelfAttention(SelfAttention):
