@@ -218,7 +218,7 @@ def test_shipped_cpu_experiment_config_loads():
 
     root = Path(__file__).resolve().parents[1]
     spec = load_spec(str(root / "examples" / "experiments" / "papo_vs_grpo_cpu.yaml"))
-    assert spec.arm_names == ["grpo", "papo_g", "control", "vppo", "dapo", "vppo_grpo"]
+    assert spec.arm_names == ["grpo", "papo_g", "control", "vppo", "dapo", "vppo_grpo", "papo_d"]
     assert (spec.baseline, spec.control) == ("grpo", "control")
     algo = {arm.name: run_config(spec, arm, 1)["algorithm"] for arm in spec.arms}   # validated by load_config
     assert algo["vppo_grpo"]["consumers"] == ["vppo"] and algo["vppo_grpo"]["beta"] == algo["grpo"]["beta"] > 0
