@@ -12,24 +12,16 @@ Legend: P prompts, b rows, L prompt length, t own keys, sq queries per row, ng g
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
+from vlm_helpers import sdp_attention
 
 NG, REP, HN = 2, 3, 8
 
 
 def _attention():
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from megatron_papo.models.common.attention import SDPAttention
-
-    cfg = TransformerConfig(num_layers=1, hidden_size=NG * REP * HN, num_attention_heads=NG * REP,
-                            num_query_groups=NG, kv_channels=HN)
-    tp = types.SimpleNamespace(size=lambda: 1)
-    return SDPAttention(cfg, 1, AttnMaskType.causal, "self", pg_collection=types.SimpleNamespace(tp=tp))
+    return sdp_attention(NG, REP, HN, "causal")
 
 
 def _case(counts, sq, padded, seed=0):

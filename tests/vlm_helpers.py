@@ -120,3 +120,19 @@ def assert_verify_conversion_passes(hf_dir: str, mcore_dir: str, capsys, tp: int
                                                 "--tol", "1e-4"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("max_abs_logit_diff=") and float(last.split("=")[1]) < 1e-4
+
+
+def sdp_attention(ng: int, rep: int, hn: int, mask_type: str = "causal"):
+    """One-rank ``SDPAttention`` (the local spec's core attention) with ``ng`` query groups of ``rep`` heads of
+    size ``hn``; ``mask_type`` names an ``AttnMaskType`` member."""
+    import types
+
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_papo.models.common.attention import SDPAttention
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=ng * rep * hn, num_attention_heads=ng * rep,
+                            num_query_groups=ng, kv_channels=hn)
+    tp = types.SimpleNamespace(size=lambda: 1)
+    return SDPAttention(cfg, 1, AttnMaskType[mask_type], "self", pg_collection=types.SimpleNamespace(tp=tp))
